@@ -1,0 +1,282 @@
+"""
+A GPT language model in one file, nanoGPT-style, with its own KV cache.
+
+Read from the smallest piece up: KVCache, CausalSelfAttention, MLP, Block, GPTConfig, GPT.
+Parameter names follow GPT-2 (transformer.wte, wpe, h.N.attn.c_attn, ...) so that GPT-2 weights
+load one to one (GPT.from_pretrained).
+
+Three ways to call the model, all through GPT.forward:
+  model(idx)                                   plain causal LM, logits for every position
+  model(idx, input_pos=pos, attn_mask=mask)    packed training rows: explicit positions and a
+                                               boolean mask (True = may attend)
+  model(idx, input_pos=pos, cache=cache)       decoding: keys/values of the new tokens are
+                                               written into `cache` at slots `pos`
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, sized by the caller: (B, n_head, max_len, hs).
+
+    Invariant: slots before the committed length hold keys/values computed from final tokens and
+    are never touched again; slots from the committed length on are scratch. A forward writes its
+    new tokens at slots `input_pos` and each query attends to every slot up to its own position,
+    so rolling back a rejected guess costs nothing: the next forward simply overwrites the slots.
+    The cache does not even store the committed length; the decoding loop owns it (jacobi.py).
+    """
+
+    def __init__(self, config, batch_size, max_len, device=None, dtype=torch.float32):
+        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.max_len = max_len
+
+    def update(self, layer, input_pos, k, v):
+        """Write k, v (B, nh, T, hs) at slots input_pos (T,); return the live slots (B, nh, S, hs)."""
+        self.k[layer][:, :, input_pos] = k.to(self.k[layer].dtype)
+        self.v[layer][:, :, input_pos] = v.to(self.v[layer].dtype)
+        S = int(input_pos[-1]) + 1  # positions are increasing: no query looks past the last one
+        return self.k[layer][:, :, :S], self.v[layer][:, :, :S]
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.layer = layer  # index into the KV cache
+
+    def forward(self, x, attn_mask=None, input_pos=None, cache=None):
+        B, T, C = x.size()  # batch, new tokens, n_embd
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(self.layer, input_pos, k, v)  # (B, nh, S, hs), S = last pos + 1
+        dropout_p = self.dropout if self.training else 0.0
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, input_pos=None, cache=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, input_pos, cache)  # pre-LayerNorm residual
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256   # context length: the most positions a sequence may use
+    vocab_size: int = 1024
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied input/output embeddings
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scaled init of the residual projections
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def make_cache(self, batch_size=1, max_len=None, dtype=torch.float32):
+        """An empty KV cache for up to max_len positions (default: the whole context)."""
+        max_len = max_len or self.config.block_size
+        return KVCache(self.config, batch_size, max_len, self.lm_head.weight.device, dtype)
+
+    def forward(self, idx, targets=None, input_pos=None, attn_mask=None, cache=None):
+        """idx (B, T) token ids -> (logits (B, T, vocab), loss or None).
+
+        input_pos: absolute positions of the tokens, (T,) or (B, T); default 0..T-1.
+        attn_mask: boolean (T, T) or (B, T, T), True where a query may attend to a key;
+                   default causal. For packed rows of several sequences sharing a prefix.
+        cache:     a KVCache; then input_pos (T,) is required and increasing, the new keys and
+                   values go to slots input_pos and query t sees every slot <= input_pos[t].
+        targets:   (B, T) next-token ids, -1 where no loss is taken (padding).
+        """
+        B, T = idx.size()
+        if input_pos is None:
+            assert cache is None, "decoding with a cache needs input_pos (the absolute positions)"
+            input_pos = torch.arange(T, device=idx.device)
+        if cache is not None:
+            # SDPA's is_causal aligns the mask to the top-left corner, which is wrong for a block of
+            # queries that sits at the end of a longer cached sequence: build the mask explicitly.
+            slots = torch.arange(int(input_pos[-1]) + 1, device=idx.device)
+            attn_mask = slots[None, :] <= input_pos[:, None]  # (T, S)
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask[:, None]  # (B, 1, T, T): the same mask for every head
+        x = self.transformer.wte(idx) + self.transformer.wpe(input_pos)  # (B, T, n_embd)
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, attn_mask, input_pos, cache)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab): Jacobi needs every one
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; weight decay on matrices (and embeddings), none on biases and LayerNorms."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = device_type == "cuda"
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """Load GPT-2 weights from a local directory in the Hugging Face layout.
+
+        The directory holds config.json and model.safetensors (or pytorch_model.bin), e.g. what
+        `huggingface-cli download gpt2 --local-dir gpt2` writes on a machine with internet.
+        No `transformers` needed: read the config, map the names, transpose GPT-2's Conv1D weights.
+        """
+        config = GPTConfig(**_read_gpt2_config(path))
+        sd = _read_weights(path)
+        sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+        sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        model = cls(config)
+        ours = {k.removeprefix("transformer."): v for k, v in model.state_dict().items()}
+        ours.pop("lm_head.weight")  # tied to wte
+        sd.pop("lm_head.weight", None)
+        missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
+        if missing or unexpected:
+            raise ValueError(f"{path}: not a GPT-2 checkpoint: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        with torch.no_grad():
+            for k, w in sd.items():
+                if k.endswith(conv1d):
+                    w = w.t()  # GPT-2's Conv1D stores (in, out); nn.Linear wants (out, in)
+                if w.shape != ours[k].shape:
+                    raise ValueError(f"{path}: {k} has shape {tuple(w.shape)}, "
+                                     f"expected {tuple(ours[k].shape)}")
+                ours[k].copy_(w.float())
+        return model
+
+
+# ----------------------------------------------------------------------------------------------
+# reading a Hugging Face GPT-2 directory without the transformers package
+
+def _read_gpt2_config(path):
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path}: no config.json. Expected a Hugging Face GPT-2 directory "
+                                "(config.json + model.safetensors or pytorch_model.bin); see README")
+    try:
+        with open(cfg_path) as f:
+            hf = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    arch = hf.get("model_type")
+    if arch != "gpt2":
+        raise ValueError(f"{cfg_path}: model_type is {arch!r}; only GPT-2 ('gpt2') is supported")
+    try:
+        return dict(block_size=hf.get("n_positions", hf.get("n_ctx")), vocab_size=hf["vocab_size"],
+                    n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+    except KeyError as e:
+        raise ValueError(f"{cfg_path}: missing key {e}") from None
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F64": torch.float64}
+
+
+def _read_weights(path):
+    st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    if os.path.isfile(st):
+        return _read_safetensors(st)
+    if os.path.isfile(pt):
+        return torch.load(pt, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path}: neither model.safetensors nor pytorch_model.bin found")
+
+
+def _read_safetensors(file):
+    """The safetensors format: 8-byte little-endian header size, a JSON header, raw tensor bytes."""
+    with open(file, "rb") as f:
+        data = f.read()
+    try:
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + n])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not a safetensors file ({e})") from None
+    body = memoryview(data)[8 + n:]
+    sd = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{file}: {name} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        t = torch.frombuffer(bytearray(body[begin:end]), dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+        sd[name] = t.reshape(info["shape"])
+    return sd
+

@@ -1,0 +1,45 @@
+# Tests of configurator.py: config files, --key=value, and the errors for bad settings.
+# Run: python -m pytest -q tests/test_configurator.py
+from dataclasses import dataclass, field
+
+import pytest
+
+from configurator import configure
+
+
+@dataclass
+class Settings:
+    out_dir: str = "out"
+    lr: float = 1e-3
+    max_iters: int = 100
+    compile: bool = False
+    ns: list = field(default_factory=lambda: [4, 8])
+
+
+def test_overrides_from_file_then_command_line(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text("out_dir = 'run1'\nmax_iters = 5\n_private = 1\n")
+    cfg = configure(Settings(), [str(f), "--max_iters=7", "--lr=1", "--compile=True", "--ns=[1, 2]"])
+    assert cfg == Settings(out_dir="run1", lr=1.0, max_iters=7, compile=True, ns=[1, 2])
+    assert configure(Settings(), []) == Settings()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--max_iter=3"], "unknown setting 'max_iter' \\(did you mean 'max_iters'\\?\\)"),
+    (["--max_iters=1.5"], "must be int"),
+    (["--compile=1"], "must be bool"),
+    (["--lr=fast"], "cannot read 'fast'"),
+    (["--max_iters"], "--key=value"),
+])
+def test_bad_settings_are_errors(argv, match):
+    with pytest.raises(ValueError, match=match):
+        configure(Settings(), argv)
+
+
+def test_missing_or_bad_config_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        configure(Settings(), [str(tmp_path / "nope.py")])
+    f = tmp_path / "c.py"
+    f.write_text("learning_rate = 0.1\n")
+    with pytest.raises(ValueError, match="unknown setting 'learning_rate'"):
+        configure(Settings(), [str(f)])

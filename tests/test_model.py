@@ -1,0 +1,184 @@
+# Tests of model.py: the KV cache, packed rows, the loss, GPT-2 loading.
+# Run: python -m pytest -q tests/test_model.py
+import json
+
+import pytest
+import torch
+
+from conftest import make_model
+from model import GPT
+
+ATOL = 1e-5
+
+
+def test_cached_prefill_then_steps_equal_uncached(tiny):
+    idx = torch.randint(50, (1, 30), generator=torch.Generator().manual_seed(1))
+    full, _ = tiny(idx)  # (1, 30, V) plain causal forward
+    cache = tiny.make_cache()
+    logits, _ = tiny(idx[:, :12], input_pos=torch.arange(12), cache=cache)  # prefill
+    steps = [logits]
+    for t in range(12, 30):  # then one token per forward
+        logits, _ = tiny(idx[:, t:t + 1], input_pos=torch.tensor([t]), cache=cache)
+        steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=0)
+
+
+def test_block_at_offset_rerun_over_scratch_slots(tiny):
+    """A block re-run at the same positions with other guesses: scratch slots get overwritten and
+    the committed prefix is unaffected, so every run equals the uncached forward of its sequence."""
+    g = torch.Generator().manual_seed(2)
+    prefix = torch.randint(50, (1, 20), generator=g)
+    cache = tiny.make_cache()
+    tiny(prefix, input_pos=torch.arange(20), cache=cache)
+    committed_k = cache.k[0][:, :, :20].clone()
+    for _ in range(4):
+        block = torch.randint(50, (1, 7), generator=g)
+        logits, _ = tiny(block, input_pos=torch.arange(20, 27), cache=cache)
+        full, _ = tiny(torch.cat([prefix, block], dim=1))
+        torch.testing.assert_close(logits, full[:, 20:], atol=ATOL, rtol=0)
+        assert torch.equal(cache.k[0][:, :, :20], committed_k)
+
+
+def test_shorter_block_ignores_stale_slots_after_it(tiny):
+    """After a 7-token block, a 3-token block at the same offset must not see slots 23..26."""
+    g = torch.Generator().manual_seed(3)
+    seq = torch.randint(50, (1, 27), generator=g)
+    cache = tiny.make_cache()
+    tiny(seq, input_pos=torch.arange(27), cache=cache)
+    short = torch.randint(50, (1, 3), generator=g)
+    logits, _ = tiny(short, input_pos=torch.arange(20, 23), cache=cache)
+    full, _ = tiny(torch.cat([seq[:, :20], short], dim=1))
+    torch.testing.assert_close(logits, full[:, 20:], atol=ATOL, rtol=0)
+
+
+def test_explicit_positions_and_causal_mask_equal_plain_forward(tiny):
+    idx = torch.randint(50, (2, 16), generator=torch.Generator().manual_seed(4))
+    plain, _ = tiny(idx)
+    causal = torch.ones(16, 16, dtype=torch.bool).tril()
+    masked, _ = tiny(idx, input_pos=torch.arange(16), attn_mask=causal)
+    torch.testing.assert_close(masked, plain, atol=ATOL, rtol=0)
+
+
+def test_packed_row_with_shared_prefix_equals_separate_forwards(tiny):
+    """Row [prefix, a, b] where a and b both continue the prefix (same positions): one forward
+    with a mask gives the logits of the two separate sequences."""
+    g = torch.Generator().manual_seed(5)
+    prefix, a, b = (torch.randint(50, (k,), generator=g) for k in (10, 5, 5))
+    row = torch.cat([prefix, a, b])[None]
+    pos = torch.cat([torch.arange(15), torch.arange(10, 15)])
+    mask = torch.zeros(20, 20, dtype=torch.bool)
+    mask[:15, :15] = torch.ones(15, 15, dtype=torch.bool).tril()  # prefix + a, causal
+    mask[15:, :10] = True                                          # b sees the prefix ...
+    mask[15:, 15:] = torch.ones(5, 5, dtype=torch.bool).tril()     # ... and itself, not a
+    packed, _ = tiny(row, input_pos=pos, attn_mask=mask[None])
+    sep_a, _ = tiny(torch.cat([prefix, a])[None])
+    sep_b, _ = tiny(torch.cat([prefix, b])[None])
+    torch.testing.assert_close(packed[:, :15], sep_a, atol=ATOL, rtol=0)
+    torch.testing.assert_close(packed[:, 15:], sep_b[:, 10:], atol=ATOL, rtol=0)
+
+
+def test_loss_ignores_padding_targets(tiny):
+    idx = torch.randint(50, (1, 8), generator=torch.Generator().manual_seed(6))
+    targets = idx.roll(-1, dims=1)
+    targets[0, 5:] = -1
+    logits, loss = tiny(idx, targets)
+    expected = torch.nn.functional.cross_entropy(logits[0, :5], targets[0, :5])
+    torch.testing.assert_close(loss, expected)
+
+
+def test_cache_without_positions_is_refused(tiny):
+    with pytest.raises(AssertionError, match="input_pos"):
+        tiny(torch.zeros(1, 3, dtype=torch.long), cache=tiny.make_cache())
+
+
+# ----------------------------------------------------------------------------------------------
+# GPT.from_pretrained: a checkpoint in the Hugging Face GPT-2 layout, written here by hand
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def hf_state_dict(model, prefix="transformer."):
+    """Our weights under Hugging Face GPT-2 names and layout (Conv1D weights are (in, out))."""
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight":
+            continue
+        k = k.removeprefix("transformer.")
+        sd[prefix + k] = v.t().contiguous() if k.endswith(CONV1D) else v.clone()
+    for i in range(model.config.n_layer):  # HF keeps its causal-mask buffers in the checkpoint
+        sd[f"{prefix}h.{i}.attn.bias"] = torch.ones(1, 1, 4, 4).tril()
+    return sd
+
+
+def write_safetensors(path, sd):
+    header, chunks, offset = {}, [], 0
+    for name, t in sd.items():
+        data = t.contiguous().numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw + b"".join(chunks))
+
+
+def write_hf_dir(path, model, fmt="safetensors", prefix="transformer."):
+    c = model.config
+    config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_positions": c.block_size,
+              "vocab_size": c.vocab_size, "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd}
+    (path / "config.json").write_text(json.dumps(config))
+    sd = hf_state_dict(model, prefix)
+    if fmt == "safetensors":
+        write_safetensors(path / "model.safetensors", sd)
+    else:
+        torch.save(sd, path / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("fmt,prefix", [("safetensors", "transformer."), ("safetensors", ""),
+                                        ("bin", "transformer.")])
+def test_from_pretrained_round_trip(tmp_path, fmt, prefix):
+    model = make_model(seed=7, n_embd=48, n_head=3)
+    write_hf_dir(tmp_path, model, fmt, prefix)
+    loaded = GPT.from_pretrained(str(tmp_path)).eval()
+    assert loaded.config == model.config
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    idx = torch.randint(50, (1, 12), generator=torch.Generator().manual_seed(8))
+    assert torch.equal(loaded(idx)[0], model(idx)[0])
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        GPT.from_pretrained(str(tmp_path / "nowhere"))
+    model = make_model(seed=9)
+    write_hf_dir(tmp_path, model)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        GPT.from_pretrained(str(tmp_path))
+
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    with pytest.raises(ValueError, match="only GPT-2"):
+        GPT.from_pretrained(str(tmp_path))
+
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "n_embd": 64}))
+    with pytest.raises(ValueError, match="has shape"):
+        GPT.from_pretrained(str(tmp_path))
+
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    sd = hf_state_dict(model)
+    del sd["transformer.h.1.mlp.c_fc.weight"]
+    write_safetensors(tmp_path / "model.safetensors", sd)
+    with pytest.raises(ValueError, match="missing.*h.1.mlp.c_fc.weight"):
+        GPT.from_pretrained(str(tmp_path))
+
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        GPT.from_pretrained(str(tmp_path))
+
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors"):
+        GPT.from_pretrained(str(tmp_path))
