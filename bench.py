@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from configurator import configure
+from configurator import configure, run
 from jacobi import greedy_decode, jacobi_decode
 from model import GPT, GPTConfig
 
@@ -144,4 +144,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(main)

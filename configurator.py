@@ -3,6 +3,7 @@ Settings for the scripts, nanoGPT-style: defaults in one dataclass at the top of
 one source of truth), overridden by config files and then by --key=value on the command line.
 
     python train.py config/train_arith_gpu.py --max_iters=2000 --compile=False
+    python sample.py --jacobi                      # a bare --flag sets a True/False setting
 
 A config file is plain Python that assigns some of the settings. Unknown keys and values of the
 wrong type are errors that name the problem; nothing is silently ignored.
@@ -11,6 +12,7 @@ wrong type are errors that name the problem; nothing is silently ignored.
 import ast
 import difflib
 import os
+import sys
 from dataclasses import fields, replace
 
 
@@ -60,9 +62,19 @@ def configure(cfg, argv):
                 cfg = replace(cfg, **{key: _typed(key, value, getattr(cfg, key))})
         else:
             key, eq, text = arg[2:].partition("=")
-            if not eq:
-                raise ValueError(f"{arg!r}: write settings as --key=value")
             if not hasattr(cfg, key):
                 raise _unknown(key, cfg)
-            cfg = replace(cfg, **{key: _parse_value(key, text, getattr(cfg, key))})
+            if not eq and not isinstance(getattr(cfg, key), bool):
+                raise ValueError(f"{arg!r}: write settings as --key=value")
+            value = _parse_value(key, text, getattr(cfg, key)) if eq else True  # --flag: True
+            cfg = replace(cfg, **{key: value})
     return cfg
+
+
+def run(main):
+    """Run a script's main(argv). A bad setting, a missing file or a bad input is reported in one
+    line that says what to do, not in a traceback."""
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

@@ -122,12 +122,12 @@ def _drop_repeats(states):
     return states[keep]
 
 
-def _block_trajectory(prefix, states, length):
+def block_trajectory(prefix, states, length):
     """The states of a block, cut to its first `length` tokens (a block cut at EOS)."""
     return BlockTrajectory(prefix.clone(), _drop_repeats(torch.stack(states)[:, :length]))
 
 
-def _eos_end(tokens, eos_id):
+def eos_end(tokens, eos_id):
     """Index just past the first EOS in tokens, or None when there is none."""
     hits = (tokens == eos_id).nonzero() if eos_id is not None else []
     return int(hits[0]) + 1 if len(hits) else None
@@ -179,10 +179,10 @@ def jacobi_decode_reference(model, idx, max_new_tokens, n=16, eos_id=None, init=
             y = y_next
             states.append(y)
         assert torch.equal(y_next, y), "a Jacobi block did not converge in n iterations"
-        eos_end = _eos_end(y, eos_id)
-        trajectory.append(_block_trajectory(seq, states, eos_end or b))
-        seq = torch.cat([seq, y[:eos_end]])
-        if eos_end:
+        stop = eos_end(y, eos_id)
+        trajectory.append(block_trajectory(seq, states, stop or b))
+        seq = torch.cat([seq, y[:stop]])
+        if stop:
             break
     return seq[len(prompt):], trajectory
 
@@ -221,20 +221,20 @@ def jacobi_decode(model, idx, max_new_tokens, n=16, eos_id=None, init="prefix", 
             if not torch.equal(seq[start:end], states[-1]):
                 states.append(seq[start:end].clone())
             forwards += 1
-            eos_end = _eos_end(seq[done:done + accepted], eos_id)
-            accepted = eos_end or accepted  # nothing after an EOS is kept
+            stop = eos_end(seq[done:done + accepted], eos_id)
+            accepted = stop or accepted  # nothing after an EOS is kept
             stats.accepted.append(accepted)
             done += accepted
             cached = done - 1  # keys/values up to the last final token's predecessor are final
-            if eos_end:
+            if stop:
                 break
-        block = _block_trajectory(seq[:start], states, done - start)
+        block = block_trajectory(seq[:start], states, done - start)
         stats.forwards += forwards
         stats.iterations.append(forwards)
         stats.stationary += count_stationary(block.states)
         if return_trajectory:
             stats.trajectory.append(block)
-        if eos_end:
+        if stop:
             break
     stats.fast_forwarded = stats.tokens - stats.forwards
     return seq[P:done], stats

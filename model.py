@@ -40,11 +40,22 @@ class KVCache:
         self.max_len = max_len
 
     def update(self, layer, input_pos, k, v):
-        """Write k, v (B, nh, T, hs) at slots input_pos (T,); return the live slots (B, nh, S, hs)."""
-        self.k[layer][:, :, input_pos] = k.to(self.k[layer].dtype)
-        self.v[layer][:, :, input_pos] = v.to(self.v[layer].dtype)
-        S = int(input_pos[-1]) + 1  # positions are increasing: no query looks past the last one
+        """Write k, v (B, nh, T, hs) at slots input_pos: (T,), or (B, T) for a position per row.
+        Return the live slots (B, nh, S, hs), S = the last position + 1."""
+        if input_pos.dim() == 1:
+            self.k[layer][:, :, input_pos] = k.to(self.k[layer].dtype)
+            self.v[layer][:, :, input_pos] = v.to(self.v[layer].dtype)
+        else:
+            slots = input_pos[:, None, :, None].expand_as(k)  # (B, nh, T, hs)
+            self.k[layer].scatter_(2, slots, k.to(self.k[layer].dtype))
+            self.v[layer].scatter_(2, slots, v.to(self.v[layer].dtype))
+        S = int(input_pos.max()) + 1  # no query looks past the last position
         return self.k[layer][:, :, :S], self.v[layer][:, :, :S]
+
+    def keep_rows(self, rows):
+        """Drop the rows of finished sequences (rows: indices of those that go on)."""
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
 
 
 class CausalSelfAttention(nn.Module):
@@ -155,8 +166,9 @@ class GPT(nn.Module):
         input_pos: absolute positions of the tokens, (T,) or (B, T); default 0..T-1.
         attn_mask: boolean (T, T) or (B, T, T), True where a query may attend to a key;
                    default causal. For packed rows of several sequences sharing a prefix.
-        cache:     a KVCache; then input_pos (T,) is required and increasing, the new keys and
-                   values go to slots input_pos and query t sees every slot <= input_pos[t].
+        cache:     a KVCache; then input_pos is required, (T,) or (B, T) (rows at different
+                   positions), the new keys and values go to slots input_pos and each query sees
+                   every slot up to its own position.
         targets:   (B, T) next-token ids, -1 where no loss is taken (padding).
         """
         B, T = idx.size()
@@ -166,8 +178,8 @@ class GPT(nn.Module):
         if cache is not None:
             # SDPA's is_causal aligns the mask to the top-left corner, which is wrong for a block of
             # queries that sits at the end of a longer cached sequence: build the mask explicitly.
-            slots = torch.arange(int(input_pos[-1]) + 1, device=idx.device)
-            attn_mask = slots[None, :] <= input_pos[:, None]  # (T, S)
+            slots = torch.arange(int(input_pos.max()) + 1, device=idx.device)
+            attn_mask = slots <= input_pos[..., None]  # (T, S) or (B, T, S)
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask[:, None]  # (B, 1, T, T): the same mask for every head
         x = self.transformer.wte(idx) + self.transformer.wpe(input_pos)  # (B, T, n_embd)
@@ -177,7 +189,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab): Jacobi needs every one
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1),
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
                                    ignore_index=-1)
         return logits, loss
 

@@ -22,6 +22,7 @@ def test_overrides_from_file_then_command_line(tmp_path):
     cfg = configure(Settings(), [str(f), "--max_iters=7", "--lr=1", "--compile=True", "--ns=[1, 2]"])
     assert cfg == Settings(out_dir="run1", lr=1.0, max_iters=7, compile=True, ns=[1, 2])
     assert configure(Settings(), []) == Settings()
+    assert configure(Settings(), ["--compile"]).compile is True
 
 
 @pytest.mark.parametrize("argv,match", [

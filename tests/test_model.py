@@ -182,3 +182,22 @@ def test_from_pretrained_errors(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="neither model.safetensors"):
         GPT.from_pretrained(str(tmp_path))
+
+
+def test_cache_with_a_position_per_row(tiny):
+    """Rows of different lengths in one cache: right-padded prefill, then a block per row at
+    that row's own offset; each row equals its own uncached forward."""
+    g = torch.Generator().manual_seed(10)
+    lengths = [5, 12, 9]
+    prompts = [torch.randint(50, (L,), generator=g) for L in lengths]
+    padded = torch.stack([torch.cat([p, p.new_zeros(12 - len(p))]) for p in prompts])
+    cache = tiny.make_cache(batch_size=3)
+    tiny(padded, input_pos=torch.arange(12), cache=cache)
+    blocks = torch.randint(50, (3, 4), generator=g)
+    pos = torch.stack([torch.arange(L, L + 4) for L in lengths])  # (B, T)
+    logits, _ = tiny(blocks, input_pos=pos, cache=cache)
+    for r in range(3):
+        full, _ = tiny(torch.cat([prompts[r], blocks[r]])[None])
+        torch.testing.assert_close(logits[r], full[0, lengths[r]:], atol=ATOL, rtol=0)
+    cache.keep_rows(torch.tensor([2, 0]))
+    assert cache.k[0].size(0) == 2

@@ -1,0 +1,159 @@
+"""
+A prepared dataset: the folder data/<name>/ that a prepare.py writes and the training scripts read.
+
+    tokenizer.tiktoken        BPE ranks trained on the training text (tiktoken's file format)
+    train.bin, val.bin        uint16 token streams for pretraining: prompt + answer + EOT, repeated
+                              (plus any other documents of the split, each ending with EOT)
+    train/val/test.jsonl      {"prompt": ..., "answer": ...} records; test = the held-out prompts
+                              every speed and quality number is measured on
+    meta.json                 sizes, vocabulary, split pattern, quality measure, source, settings
+
+Records are split by a hash of the prompt, so a prompt (and every copy of it) lands in one split
+only and the split is stable from run to run.
+"""
+
+import ast
+import hashlib
+import json
+import os
+import re
+import time
+
+import numpy as np
+
+from tokenizer import EOT, SPLIT_PATTERN, load_tokenizer, make_encoding, save_ranks, train_bpe
+
+DATA_DIR = os.path.dirname(os.path.abspath(__file__))
+SPLITS = ("train", "val", "test")
+
+
+def dataset_dir(name):
+    """data/<name>, or name itself when it is a path to a folder."""
+    return name if os.sep in name else os.path.join(DATA_DIR, name)
+
+
+def split_of(key, val_frac, test_frac):
+    """'train', 'val' or 'test' for a record, from a hash of its key (stable, no leakage)."""
+    u = int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) / 16 ** 8
+    return "test" if u < test_frac else "val" if u < test_frac + val_frac else "train"
+
+
+def is_prepared(name, settings):
+    """True when data/<name> was prepared with exactly these settings (prepare is idempotent)."""
+    path = os.path.join(dataset_dir(name), "meta.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("settings") == settings
+
+
+def _write_atomic(path, write):
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_dataset(name, records, vocab_size, metric, source, settings, pattern=SPLIT_PATTERN,
+                  extra_text=None):
+    """Train the tokenizer on the training text, then write everything listed above.
+
+    records: {split: [{"prompt": str, "answer": str}]}; metric: "accuracy", "parse" or "loss".
+    extra_text: {split: [str]}, more documents for the train/val streams (each ends with EOT).
+    """
+    extra_text = extra_text or {}
+    t0 = time.time()
+    out = dataset_dir(name)
+    os.makedirs(out, exist_ok=True)
+    documents = {s: [r["prompt"] + r["answer"] for r in records[s]] + extra_text.get(s, [])
+                 for s in SPLITS}
+    train_text = "".join(documents["train"])
+    ranks = train_bpe(train_text, vocab_size, pattern)
+    _write_atomic(os.path.join(out, "tokenizer.tiktoken"), lambda p: save_ranks(ranks, p))
+    enc = make_encoding(ranks, pattern)
+    tokens = {}
+    for split in SPLITS:
+        _write_atomic(os.path.join(out, f"{split}.jsonl"), lambda p: _write_jsonl(p, records[split]))
+        ids = enc.encode_ordinary_batch(documents[split])
+        stream = np.array([t for seq in ids for t in [*seq, enc.eot_token]], dtype=np.uint16)
+        tokens[split] = len(stream)
+        if split != "test":
+            _write_atomic(os.path.join(out, f"{split}.bin"), stream.tofile)
+    answer_tokens = [len(a) for a in enc.encode_ordinary_batch([r["answer"] for r in records["test"]])]
+    meta = dict(name=os.path.basename(out), vocab_size=enc.n_vocab, eot_id=enc.eot_token,
+                split_pattern=pattern, metric=metric, source=source, settings=settings,
+                records={s: len(records[s]) for s in SPLITS}, tokens=tokens,
+                mean_answer_tokens=float(np.mean(answer_tokens)) if answer_tokens else 0.0,
+                seconds=round(time.time() - t0, 1))
+    _write_atomic(os.path.join(out, "meta.json"), lambda p: _write_json(p, meta))
+    print(f"{meta['name']}: records {meta['records']}, tokens {tokens}, vocab {enc.n_vocab}, "
+          f"mean answer {meta['mean_answer_tokens']:.1f} tokens, {meta['seconds']:.1f}s -> {out}")
+    return meta
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def _write_jsonl(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# reading a prepared dataset
+
+def load_meta(name):
+    path = os.path.join(dataset_dir(name), "meta.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"dataset {name!r} is not prepared ({path} missing): run "
+                                f"python data/{name}/prepare.py (or data/custom/prepare.py for "
+                                "your own data)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_encoding(name):
+    meta = load_meta(name)
+    return load_tokenizer(os.path.join(dataset_dir(name), "tokenizer.tiktoken"), meta["split_pattern"])
+
+
+def load_tokens(name, split):
+    """The uint16 token stream of a split, memory-mapped."""
+    load_meta(name)
+    return np.memmap(os.path.join(dataset_dir(name), f"{split}.bin"), dtype=np.uint16, mode="r")
+
+
+def load_records(name, split):
+    load_meta(name)
+    with open(os.path.join(dataset_dir(name), f"{split}.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ----------------------------------------------------------------------------------------------
+# quality of a generation: the task's own measure
+
+def final_answer(text):
+    """The number after '####' in an arith solution, or None."""
+    m = re.search(r"####\s*(-?\d+)", text)
+    return int(m.group(1)) if m else None
+
+
+def parses(prompt, completion):
+    """Whether a generated function body parses as Python after its signature and docstring."""
+    try:
+        ast.parse(prompt + completion)
+        return True
+    except (SyntaxError, ValueError):
+        return False
+
+
+def score(metric, record, completion):
+    """1.0 if a completion is right by the dataset's measure, else 0.0; None for 'loss'."""
+    if metric == "accuracy":
+        got, want = final_answer(completion), final_answer(record["answer"])
+        return float(got is not None and got == want)
+    if metric == "parse":
+        return float(parses(record["prompt"], completion))
+    return None

@@ -1,0 +1,157 @@
+"""
+Sample from a trained model, with greedy AR decoding or with Jacobi decoding, and watch the
+Jacobi fixed point form.
+
+    python sample.py                         # greedy AR, the default CLLM, held-out prompts
+    python sample.py --jacobi                # Jacobi decoding in blocks of --n tokens
+    python sample.py --jacobi --show         # every iteration of every block, target then CLLM
+    python sample.py --compare               # AR and Jacobi on the same prompt: same tokens? speed
+    python sample.py --start="Question: Ava has 12 apples. ..."   # or --start=FILE:prompt.txt
+    python sample.py --out_dir=out-arith     # the target model instead of the CLLM
+
+In --show, each line is one state of a block: green tokens are committed (right, as is everything
+before them), yellow tokens are stationary (already right while something before them is still
+wrong), red tokens are still wrong. Without a colour terminal (or with NO_COLOR set) the same is
+written with markers: committed as is, [stationary], ~wrong~.
+"""
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import train
+from configurator import configure, run
+from data.common import load_encoding, load_records
+from jacobi import greedy_decode, jacobi_decode
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = "out-cllm-arith"   # the model: out_dir/ckpt.pt
+    ckpt: str = ""                    # a checkpoint path instead of out_dir/ckpt.pt
+    jacobi: bool = False
+    n: int = 16                       # Jacobi block size
+    show: bool = False                # print every Jacobi iteration (implies --jacobi)
+    compare: bool = False             # AR and Jacobi on the same prompt
+    start: str = ""                   # a prompt, or FILE:path; empty: held-out prompts
+    num_samples: int = 2
+    max_new_tokens: int = 96
+    seed: int = 0                     # which held-out prompts, and the Jacobi initial guesses
+    device: str = "auto"
+
+
+COLOURS = {"committed": "\033[32m", "stationary": "\033[33m", "wrong": "\033[31m"}
+MARKERS = {"committed": "{}", "stationary": "[{}]", "wrong": "~{}~"}
+
+
+def use_colour():
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def token_kinds(state, fixed_point, later_states):
+    """For one state of a block: 'committed', 'stationary' or 'wrong' for each token."""
+    right = (state == fixed_point).tolist()
+    first_wrong = right.index(False) if False in right else len(right)
+    kinds = []
+    for i, ok in enumerate(right):
+        stays = all(s[i] == fixed_point[i] for s in later_states)
+        kinds.append("committed" if i < first_wrong else
+                     "stationary" if ok and stays else "wrong")
+    return kinds
+
+
+def show_token(enc, token, kind, colour):
+    text = enc.decode([token]).replace("\n", "\u23ce")  # a visible newline
+    return f"{COLOURS[kind]}{text}\033[0m" if colour else MARKERS[kind].format(text)
+
+
+def show_trajectory(enc, stats, colour):
+    """Print every state of every block: the picture of the paper's Figure 1."""
+    for k, block in enumerate(stats.trajectory):
+        print(f"block {k}: {stats.iterations[k]} forward passes for {block.states.size(1)} tokens")
+        for j, state in enumerate(block.states):
+            kinds = token_kinds(state, block.fixed_point, block.states[j + 1:])
+            line = "".join(show_token(enc, t, kind, colour) for t, kind in zip(state.tolist(), kinds))
+            print(f"  y({j}) {line}")
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def stats_line(tokens, forwards, secs):
+    return (f"tokens {tokens}, forward passes {forwards}, tokens/forward {tokens / max(forwards, 1):.2f}, "
+            f"{tokens / secs:.1f} tokens/s")
+
+
+def prompts_to_run(cfg, dataset):
+    if cfg.start.startswith("FILE:"):
+        with open(cfg.start[5:], encoding="utf-8") as f:
+            return [f.read()]
+    if cfg.start:
+        return [cfg.start]
+    records = load_records(dataset, "test")
+    g = torch.Generator().manual_seed(cfg.seed)
+    return [records[i]["prompt"] for i in torch.randperm(len(records), generator=g)[:cfg.num_samples]]
+
+
+def main(argv):
+    cfg = configure(SampleConfig(), argv)
+    device, _ = train.setup_device(cfg.device)
+    path = cfg.ckpt or os.path.join(cfg.out_dir, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: make one with `python train_cllm.py` "
+                                "(a CLLM, the default) or `python train.py` (a target), or point "
+                                "--out_dir/--ckpt at one")
+    model, ckpt = train.load_checkpoint(path, device)
+    dataset = ckpt["dataset"]
+    enc = load_encoding(dataset)
+    models = [("model", model)]
+    target_dir = ckpt["config"].get("target_dir")
+    if cfg.show and ckpt.get("kind") == "cllm" and os.path.isfile(os.path.join(target_dir, "ckpt.pt")):
+        models = [("target", train.load_checkpoint(os.path.join(target_dir, "ckpt.pt"), device)[0]),
+                  ("CLLM", model)]
+    colour = use_colour()
+    for text in prompts_to_run(cfg, dataset):
+        prompt = train.encode_prompt(enc, text, model, cfg.max_new_tokens, device)
+        print("=" * 80 + f"\n{text}", end="" if text.endswith("\n") else "\n")
+        for name, m in models:
+            if cfg.compare:
+                greedy_decode(m, prompt, 4)  # warm-up
+                ar, ar_secs = timed(lambda: greedy_decode(m, prompt, cfg.max_new_tokens, enc.eot_token), device)
+                (jt, stats), j_secs = timed(lambda: jacobi_decode(
+                    m, prompt, cfg.max_new_tokens, cfg.n, enc.eot_token, seed=cfg.seed), device)
+                print(train.decode_text(enc, ar))
+                print(f"AR:     {stats_line(len(ar), len(ar), ar_secs)}")
+                print(f"Jacobi: {stats_line(stats.tokens, stats.forwards, j_secs)}")
+                if torch.equal(ar, jt):
+                    print(f"identical outputs; Jacobi speedup {ar_secs / j_secs:.2f}x")
+                else:
+                    print("!!! MISMATCH: Jacobi and AR outputs differ (in float32 they must not; "
+                          f"bf16/fp16 can flip near-ties) !!!\nJacobi: {train.decode_text(enc, jt)!r}")
+            elif cfg.jacobi or cfg.show:
+                (tokens, stats), secs = timed(lambda: jacobi_decode(
+                    m, prompt, cfg.max_new_tokens, cfg.n, enc.eot_token, seed=cfg.seed,
+                    return_trajectory=cfg.show), device)
+                if cfg.show:
+                    print(f"--- {name}: Jacobi decoding, n={cfg.n} ---")
+                    show_trajectory(enc, stats, colour)
+                print(train.decode_text(enc, tokens))
+                print(stats_line(stats.tokens, stats.forwards, secs))
+            else:
+                tokens, secs = timed(lambda: greedy_decode(m, prompt, cfg.max_new_tokens, enc.eot_token), device)
+                print(train.decode_text(enc, tokens))
+                print(stats_line(len(tokens), len(tokens), secs))
+
+
+if __name__ == "__main__":
+    run(main)

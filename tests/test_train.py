@@ -1,0 +1,60 @@
+# Tests of train.py: a few iterations on CPU, exact resume, clear errors.
+# Run: python -m pytest -q tests/test_train.py
+import os
+
+import pytest
+import torch
+
+import train
+from data.arith.prepare import prepare as prepare_arith
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("data") / "arith")
+    prepare_arith([f"--name={path}", "--num_train=300", "--num_val=20", "--num_test=20"])
+    return path
+
+
+def tiny_args(dataset, out_dir, **overrides):
+    args = dict(dataset=dataset, out_dir=str(out_dir), n_layer=1, n_head=2, n_embd=32,
+                block_size=32, batch_size=4, max_iters=6, lr_decay_iters=6, warmup_iters=2,
+                eval_interval=1000, eval_iters=2, log_interval=1, eval_prompts=2,
+                max_new_tokens=8, dropout=0.1)
+    args.update(overrides)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def test_train_writes_a_checkpoint_that_resumes_exactly(dataset, tmp_path, capsys):
+    train.main(tiny_args(dataset, tmp_path / "straight"))
+    out = capsys.readouterr().out
+    assert "iter 6: loss" in out and "held-out answer loss" in out
+    train.main(tiny_args(dataset, tmp_path / "split", max_iters=3))
+    train.main(tiny_args(dataset, tmp_path / "split", init_from="resume"))
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)
+    assert a["iter_num"] == b["iter_num"] == 6
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert not os.path.exists(tmp_path / "split" / "ckpt.pt.tmp")
+    model, ckpt = train.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))
+    assert not model.training and ckpt["config"]["dataset"] == dataset
+
+
+def test_lr_schedule():
+    cfg = train.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    assert train.get_lr(0, cfg) == pytest.approx(0.1)
+    assert train.get_lr(9, cfg) == pytest.approx(1.0)
+    assert train.get_lr(60, cfg) == pytest.approx(0.55)
+    assert train.get_lr(110, cfg) == pytest.approx(0.1) == train.get_lr(500, cfg)
+
+
+def test_clear_errors(dataset, tmp_path):
+    with pytest.raises(ValueError, match="unknown setting 'max_iter'"):
+        train.main(["--max_iter=3"])
+    with pytest.raises(FileNotFoundError, match="is not prepared"):
+        train.main([f"--dataset={tmp_path / 'missing'}"])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train.main(tiny_args(dataset, tmp_path / "empty", init_from="resume"))
+    with pytest.raises(ValueError, match="fewer than block_size"):
+        train.main(tiny_args(dataset, tmp_path / "big", block_size=100000))
