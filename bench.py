@@ -1,15 +1,20 @@
 """
-Benchmark greedy AR against Jacobi decoding: tokens per forward, tokens/s, speedup, exactness.
+Benchmark greedy AR against Jacobi decoding: tokens per forward, tokens/s, speedup, exactness,
+quality, fast-forwarded and stationary tokens. The numbers in the README come from here.
 
-    python bench.py                      # a random model of nanoGPT's CPU size, random prompts
-    python bench.py --ns="[8, 16]" --threads=1
+    python bench.py                          # target vs CLLM (out-cllm-arith) on held-out prompts
+    python bench.py --ns="[8, 16, 32]" --num_prompts=200 --threads=1
+    python bench.py --cllm_dir=out-cllm-pycode
+    python bench.py --random                 # an untrained model of nanoGPT's CPU size
 
 Every prompt is decoded by AR and by Jacobi at each n, interleaved, so that a change in the
 machine's load hits all of them alike; tokens/s is the median over prompts after a warm-up, and
 the speedup is the median over prompts of AR time / Jacobi time (same tokens, same prompt).
+On CUDA the timings are synchronised. Prints a markdown table and writes JSON.
 """
 
 import json
+import os
 import platform
 import statistics
 import sys
@@ -19,26 +24,29 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from configurator import configure, run
+from data.common import load_encoding, load_meta, load_records, score
 from jacobi import greedy_decode, jacobi_decode
 from model import GPT, GPTConfig
+from train import answer_loss, decode_text, encode_prompt, load_checkpoint, setup_device
 
 
 @dataclass
 class BenchConfig:
-    ns: list = field(default_factory=lambda: [4, 8, 16, 32])  # Jacobi block sizes
-    num_prompts: int = 12
-    prompt_len: int = 32
-    max_new_tokens: int = 128
-    warmup: int = 2          # prompts decoded first and not counted
-    threads: int = 0         # torch threads; 0 = torch's default
+    cllm_dir: str = "out-cllm-arith"  # a checkpoint folder; a CLLM's brings its target along
+    random: bool = False              # an untrained model of nanoGPT's CPU size instead
+    ns: list = field(default_factory=list)  # Jacobi block sizes; empty: the CLLM's n
+    num_prompts: int = 100            # held-out (test) prompts
+    max_new_tokens: int = 96
+    warmup: int = 2                   # prompts decoded first and not counted
+    threads: int = 0                  # torch threads; 0 = torch's default
+    device: str = "auto"
     seed: int = 0
     json_out: str = "bench.json"
-    # the random model (nanoGPT's CPU size: 4 layers, 4 heads, 128 wide)
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    vocab_size: int = 2048
-    block_size: int = 256
+
+
+# the untrained baseline: nanoGPT's CPU size (4 layers, 4 heads, 128 wide), random prompts
+RANDOM_MODEL = GPTConfig(block_size=256, vocab_size=2048, n_layer=4, n_head=4, n_embd=128)
+RANDOM_NS, RANDOM_PROMPT_LEN = [4, 8, 16, 32], 32
 
 
 def sync(device):
@@ -105,16 +113,37 @@ def summarize(rows):
     return out
 
 
-def markdown_table(summary, title=""):
-    head = "| model | method | tokens/forward | tokens/s (median) | speedup vs AR | exact | fast-fwd | stationary |"
-    lines = [head, "|" + "---|" * 8]
-    for model_name, methods in summary.items():
+def measure(models, prompts, ns, max_new_tokens, eos_id=None, warmup=2, quality=None):
+    """{model name: {method: summary}} for several models on the same prompts.
+    quality(model, outputs) -> dict of quality numbers, added to every method of the model (the
+    outputs are AR's; Jacobi's are the same where 'exact' says so)."""
+    results = {}
+    for name, model in models.items():
+        rows = bench_model(model, prompts, ns, max_new_tokens, eos_id, warmup)
+        results[name] = summarize(rows)
+        if quality is not None:
+            q = quality(model, rows["AR"]["outputs"])
+            for summary in results[name].values():
+                summary.update(q)
+    return results
+
+
+def markdown_table(results, quality_name=None):
+    head = "| model | method | tokens/forward | tokens/s (median) | speedup vs AR | Jacobi == AR |"
+    head += f" {quality_name} | answer loss |" if quality_name else ""
+    head += " fast-fwd | stationary |"
+    lines = [head, "|" + "---|" * head.count(" |")]
+    for model_name, methods in results.items():
         for name, s in methods.items():
-            lines.append(f"| {model_name} | {name} | {s['tokens_per_forward']:.2f} | "
-                         f"{s['tokens_per_s']:.1f} | {s.get('speedup', 1.0):.2f}x | "
-                         f"{s.get('exact', '-')} | {s.get('fast_forwarded', '-')} | "
-                         f"{s.get('stationary', '-')} |")
-    return (f"{title}\n\n" if title else "") + "\n".join(lines)
+            line = (f"| {model_name} | {name} | {s['tokens_per_forward']:.2f} | {s['tokens_per_s']:.1f} | "
+                    f"{s.get('speedup', 1.0):.2f}x | {s.get('exact', '-')} |")
+            if quality_name:
+                q = s.get("quality")
+                line += f" {q:.3f} |" if q is not None else " - |"
+                line += f" {s['answer_loss']:.4f} |"
+            line += f" {s.get('fast_forwarded', '-')} | {s.get('stationary', '-')} |"
+            lines.append(line)
+    return "\n".join(lines)
 
 
 def environment(device, dtype="float32"):
@@ -123,23 +152,55 @@ def environment(device, dtype="float32"):
                 python=platform.python_version(), machine=platform.machine())
 
 
+def quality_measure(enc, records, metric, device):
+    """quality(model, outputs) for measure(): the dataset's score and the answer loss."""
+    def quality(model, outputs):
+        scores = [score(metric, r, decode_text(enc, torch.tensor(out))) for r, out in zip(records, outputs)]
+        return dict(quality=sum(scores) / len(scores) if scores and scores[0] is not None else None,
+                    answer_loss=answer_loss(model, enc, records, device))
+    return quality
+
+
+def trained_models(cfg, device):
+    """The CLLM and its target (or a lone target), the dataset and its encoding."""
+    model, ckpt = load_checkpoint(os.path.join(cfg.cllm_dir, "ckpt.pt"), device)
+    models = {"target": model}
+    if ckpt.get("kind") == "cllm":
+        target, _ = load_checkpoint(os.path.join(ckpt["config"]["target_dir"], "ckpt.pt"), device)
+        models = {"target": target, "CLLM": model}
+    ns = cfg.ns or [ckpt["config"].get("n", 16)]
+    return models, ckpt["dataset"], ns
+
+
 def main(argv):
     cfg = configure(BenchConfig(), argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    device, _ = setup_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size,
-                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)).eval()
-    g = torch.Generator().manual_seed(cfg.seed)
-    prompts = [torch.randint(cfg.vocab_size, (cfg.prompt_len,), generator=g)
-               for _ in range(cfg.num_prompts)]
-    env = environment(torch.device("cpu"))
-    print(f"random model, {model.num_params() / 1e6:.2f}M parameters; {env}")
-    rows = bench_model(model, prompts, cfg.ns, cfg.max_new_tokens, warmup=cfg.warmup)
-    summary = {"random": summarize(rows)}
-    print(markdown_table(summary))
+    if cfg.random:
+        models = {"random": GPT(RANDOM_MODEL).to(device).eval()}
+        g = torch.Generator().manual_seed(cfg.seed)
+        prompts = [torch.randint(RANDOM_MODEL.vocab_size, (RANDOM_PROMPT_LEN,), generator=g).to(device)
+                   for _ in range(cfg.num_prompts)]
+        ns, eos_id, quality, metric = cfg.ns or RANDOM_NS, None, None, None
+        print(f"random model, {models['random'].num_params() / 1e6:.2f}M parameters, "
+              f"{len(prompts)} random {RANDOM_PROMPT_LEN}-token prompts")
+    else:
+        models, dataset, ns = trained_models(cfg, device)
+        enc, metric = load_encoding(dataset), load_meta(dataset)["metric"]
+        records = load_records(dataset, "test")[:cfg.num_prompts]
+        model = next(iter(models.values()))
+        prompts = [encode_prompt(enc, r["prompt"], model, cfg.max_new_tokens, device) for r in records]
+        eos_id, quality = enc.eot_token, quality_measure(enc, records, metric, device)
+        print(f"{', '.join(models)} on {len(prompts)} held-out prompts of {dataset}")
+    env = environment(device)
+    print(f"{env}")
+    results = measure(models, prompts, ns, cfg.max_new_tokens, eos_id, cfg.warmup, quality)
+    name = {"accuracy": "accuracy", "parse": "parse rate", "loss": "quality"}.get(metric)
+    print(markdown_table(results, name))
     with open(cfg.json_out, "w") as f:
-        json.dump(dict(config=asdict(cfg), environment=env, results=summary), f, indent=1)
+        json.dump(dict(config=asdict(cfg), environment=env, results=results), f, indent=1)
     print(f"wrote {cfg.json_out}")
 
 

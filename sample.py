@@ -17,12 +17,12 @@ written with markers: committed as is, [stationary], ~wrong~.
 
 import os
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
 
 import train
+from bench import timed
 from configurator import configure, run
 from data.common import load_encoding, load_records
 from jacobi import greedy_decode, jacobi_decode
@@ -76,16 +76,6 @@ def show_trajectory(enc, stats, colour):
             kinds = token_kinds(state, block.fixed_point, block.states[j + 1:])
             line = "".join(show_token(enc, t, kind, colour) for t, kind in zip(state.tolist(), kinds))
             print(f"  y({j}) {line}")
-
-
-def timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t0
 
 
 def stats_line(tokens, forwards, secs):

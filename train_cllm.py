@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from bench import bench_model, environment, markdown_table, summarize
+from bench import environment, markdown_table, measure, quality_measure
 from configurator import configure, run
 from data.common import dataset_dir, load_encoding, load_meta, load_records, score
 from jacobi import block_trajectory, eos_end, initial_guess, jacobi_decode
@@ -370,32 +370,12 @@ def evaluate_jacobi(model, enc, records, cfg, metric, device):
 
 
 def final_report(target, cllm, enc, records, metric, cfg, device):
-    """Target vs CLLM on held-out prompts, AR and Jacobi interleaved per prompt."""
+    """Target vs CLLM on held-out prompts, AR and Jacobi interleaved per prompt (bench.py)."""
     prompts = [train.encode_prompt(enc, r["prompt"], target, cfg.max_new_tokens, device) for r in records]
-    results = {}
-    for name, model in (("target", target), ("CLLM", cllm)):
-        model.eval()
-        rows = bench_model(model, prompts, [cfg.n], cfg.max_new_tokens, enc.eot_token, warmup=2)
-        s = summarize(rows)
-        scores = [score(metric, r, train.decode_text(enc, torch.tensor(out)))
-                  for r, out in zip(records, rows["AR"]["outputs"])]
-        jac = s[f"Jacobi n={cfg.n}"]
-        results[name] = dict(
-            tokens_per_forward=jac["tokens_per_forward"], ar_tokens_per_s=s["AR"]["tokens_per_s"],
-            jacobi_tokens_per_s=jac["tokens_per_s"], speedup=jac["speedup"], exact=jac["exact"],
-            fast_forwarded=jac["fast_forwarded"], stationary=jac["stationary"],
-            quality=sum(scores) / len(scores) if scores and scores[0] is not None else None,
-            heldout_loss=train.answer_loss(model, enc, records, device))
+    results = measure({"target": target, "CLLM": cllm}, prompts, [cfg.n], cfg.max_new_tokens,
+                      enc.eot_token, warmup=2, quality=quality_measure(enc, records, metric, device))
     name = {"accuracy": "accuracy", "parse": "parse rate"}.get(metric, "quality")
-    lines = [f"| model | tokens/forward (Jacobi n={cfg.n}) | AR tok/s | Jacobi tok/s | speedup "
-             f"| {name} | answer loss | Jacobi == AR | fast-fwd | stationary |", "|" + "---|" * 10]
-    for model_name, r in results.items():
-        q = f"{r['quality']:.3f}" if r["quality"] is not None else "-"
-        lines.append(f"| {model_name} | {r['tokens_per_forward']:.2f} | {r['ar_tokens_per_s']:.0f} | "
-                     f"{r['jacobi_tokens_per_s']:.0f} | {r['speedup']:.2f}x | {q} | "
-                     f"{r['heldout_loss']:.4f} | {r['exact']} | {r['fast_forwarded']} | "
-                     f"{r['stationary']} |")
-    return results, "\n".join(lines)
+    return results, markdown_table(results, name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,10 +489,12 @@ def main(argv):
 
     # 3. the table
     test_records = load_records(cfg.dataset, "test")[:cfg.final_prompts]
-    print(f"\nheld-out comparison on {len(test_records)} test prompts "
-          f"({environment(device)['device']}, {torch.get_num_threads()} threads):")
-    results, table = final_report(target, model, enc, test_records, meta["metric"], cfg, device)
-    print(table)
+    results = {}
+    if test_records:
+        print(f"\nheld-out comparison on {len(test_records)} test prompts "
+              f"({environment(device)['device']}, {torch.get_num_threads()} threads):")
+        results, table = final_report(target, model, enc, test_records, meta["metric"], cfg, device)
+        print(table)
     print("training curve (val prompts): " + ", ".join(
         f"{c['train_minutes']:.1f} min: {c['tokens_per_forward']:.2f} tok/fwd"
         + (f", {c['quality']:.3f}" if c["quality"] is not None else "") for c in curve))

@@ -201,18 +201,6 @@ def test_distillation_raises_tokens_per_forward():
 # ----------------------------------------------------------------------------------------------
 # the whole script on a tiny arith slice: trajectory file reuse and refusal, resume
 
-@pytest.fixture(scope="module")
-def tiny_target(tmp_path_factory):
-    from data.arith.prepare import prepare
-    root = tmp_path_factory.mktemp("pipeline")
-    data = str(root / "arith")
-    prepare([f"--name={data}", "--num_train=200", "--num_val=10", "--num_test=10"])
-    train.main([f"--dataset={data}", f"--out_dir={root / 'target'}", "--n_layer=1", "--n_head=2",
-                "--n_embd=32", "--batch_size=8", "--max_iters=20", "--eval_interval=1000",
-                "--eval_iters=1", "--eval_prompts=0", "--warmup_iters=2"])
-    return data, str(root / "target")
-
-
 def cllm_args(data, target, out_dir, **overrides):
     args = dict(dataset=data, target_dir=target, out_dir=out_dir, n=4, num_prompts=12,
                 traj_max_new_tokens=16, collect_batch=5, batch_size=4, max_iters=4,
@@ -228,7 +216,7 @@ def test_pipeline_reuses_and_refuses_trajectories_and_resumes(tiny_target, tmp_p
     results = train_cllm.main(cllm_args(data, target, out))
     log = capsys.readouterr().out
     assert "collect: prompts 12/12" in log and "iter 4: loss" in log and "| CLLM |" in log
-    assert results["CLLM"]["exact"] == "2/2" and results["target"]["exact"] == "2/2"
+    assert results["CLLM"]["Jacobi n=4"]["exact"] == "2/2" == results["target"]["Jacobi n=4"]["exact"]
     train_cllm.main(cllm_args(data, target, out, init_from="resume", max_iters=6))
     log = capsys.readouterr().out
     assert "reusing" in log and "iter 6: loss" in log and "iter 4: loss" not in log

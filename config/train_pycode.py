@@ -1,0 +1,14 @@
+# The pycode target (CPython standard library functions) on a CPU, about 10 minutes.
+# python data/pycode/prepare.py && python train.py config/train_pycode.py
+out_dir = "out-pycode"
+dataset = "pycode"
+n_layer = 4
+n_head = 4
+n_embd = 128
+block_size = 256
+batch_size = 16
+max_iters = 2000
+learning_rate = 2e-3
+min_lr = 2e-4
+eval_prompts = 100
+max_new_tokens = 128
