@@ -50,11 +50,12 @@ class CLLMConfig:
     # 2. distillation
     consistency: str = "global"      # "global": target y*; "local": target the next state
     ar_weight: float = 3.0           # loss = consistency + ar_weight * AR
-    ar_target: str = "fixed_point"   # AR labels: "fixed_point" (the target's output) or "ground_truth"
+    ar_target: str = "ground_truth"  # AR labels: "ground_truth" (the dataset's answer) or
+                                     # "fixed_point" (the target's own output y*)
     label_smoothing: float = 0.0
-    states_per_block: int = 1        # states sampled per block and step (the paper: 1)
+    states_per_block: int = 3        # states sampled per block and step (the paper: 1)
     batch_size: int = 16             # prompts per step; each packs all of its blocks in one row
-    max_iters: int = 1500
+    max_iters: int = 1200
     learning_rate: float = 1e-3
     min_lr: float = 1e-4
     warmup_iters: int = 50
@@ -64,10 +65,10 @@ class CLLMConfig:
     beta2: float = 0.99
     grad_clip: float = 1.0
     # evaluation
-    eval_interval: int = 250
+    eval_interval: int = 200
     eval_prompts: int = 50           # held-out (val) prompts for the periodic Jacobi evaluation
     max_new_tokens: int = 96
-    final_prompts: int = 200         # held-out (test) prompts for the final table
+    final_prompts: int = 500         # held-out (test) prompts for the final table
     log_interval: int = 25
     device: str = "auto"
     compile: bool = False

@@ -174,7 +174,7 @@ def test_distillation_raises_tokens_per_forward():
     g = torch.Generator().manual_seed(1)
     held_out = [torch.randint(10, (PROMPT_LEN,), generator=g) for _ in range(8)]
     assert greedy_decode(target, held_out[0], len(ANSWER)).tolist() == ANSWER
-    n, cfg = 8, CLLMConfig(n=8, ar_weight=1.0)
+    n, cfg = 8, CLLMConfig(n=8, ar_weight=1.0, ar_target="fixed_point")
     before = mean_tokens_per_forward(target, held_out, n)
     train_prompts = [torch.randint(10, (PROMPT_LEN,), generator=g) for _ in range(32)]
     trajs = collect_trajectories(target, train_prompts, n, len(ANSWER), seeds=list(range(32)))
