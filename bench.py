@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -78,7 +77,7 @@ def bench_model(model, prompts, ns, max_new_tokens, eos_id=None, warmup=2):
         greedy, secs = timed(lambda: greedy_decode(model, prompt, max_new_tokens, eos_id), device)
         if counted:
             _add(rows["AR"], greedy, len(greedy), secs)
-        for n in ns:  # the default argument binds this n in the lambda
+        for n in ns:
             (tokens, stats), jsecs = timed(
                 lambda: jacobi_decode(model, prompt, max_new_tokens, n, eos_id), device)
             if counted:

@@ -53,10 +53,10 @@ def configure(cfg, argv):
                                         "--key=value; config files live in config/)")
             scope = {}
             with open(arg) as f:
-                exec(f.read(), {}, scope)
+                exec(f.read(), scope)
             for key, value in scope.items():
-                if key.startswith("_"):
-                    continue
+                if key.startswith("_") or callable(value) or type(value).__name__ == "module":
+                    continue  # __builtins__, imports and helper functions are not settings
                 if not hasattr(cfg, key):
                     raise _unknown(key, cfg)
                 cfg = replace(cfg, **{key: _typed(key, value, getattr(cfg, key))})

@@ -40,6 +40,7 @@ class JacobiStats:
     iterations: list = field(default_factory=list)    # forward passes per block
     accepted: list = field(default_factory=list)      # tokens committed by each forward pass
     fast_forwarded: int = 0   # tokens committed beyond the one a pass always gets right
+                              # (stationary tokens are among them once they are committed)
     stationary: int = 0       # tokens already at their fixed-point value (and staying there)
                               # while a token before them was still wrong
     trajectory: list = None   # [BlockTrajectory] when asked for
@@ -107,13 +108,11 @@ def leading_true(mask):
 def count_stationary(states):
     """Tokens that reached their fixed-point value, and kept it, while a token before them was
     still wrong (the paper's stationary tokens, section 3.3). states: (S, n), last row y*."""
-    right = states == states[-1]                           # (S, n)
+    right = states == states[-1]                            # (S, n)
     stays = right.flip(0).long().cumprod(0).flip(0).bool()  # right from this state on
-    settled = stays.long().argmax(0)                       # (n,) first state of the final run
-    count = 0
-    for i in range(states.size(1)):
-        count += int(leading_true(right[settled[i]]) < i)  # a wrong token before i at that state
-    return count
+    settled = stays.long().argmax(0)                        # (n,) first state of the final run
+    right_prefix = right.long().cumprod(1).sum(1)           # (S,) leading right tokens per state
+    return int((right_prefix[settled] < torch.arange(states.size(1))).sum())
 
 
 def _drop_repeats(states):
@@ -178,7 +177,8 @@ def jacobi_decode_reference(model, idx, max_new_tokens, n=16, eos_id=None, init=
                 break  # y^(j+1) == y^(j): the fixed point y*
             y = y_next
             states.append(y)
-        assert torch.equal(y_next, y), "a Jacobi block did not converge in n iterations"
+        else:
+            raise AssertionError("a Jacobi block did not converge in n + 1 iterations")
         stop = eos_end(y, eos_id)
         trajectory.append(block_trajectory(seq, states, stop or b))
         seq = torch.cat([seq, y[:stop]])

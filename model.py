@@ -39,9 +39,9 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.max_len = max_len
 
-    def update(self, layer, input_pos, k, v):
+    def update(self, layer, input_pos, k, v, S):
         """Write k, v (B, nh, T, hs) at slots input_pos: (T,), or (B, T) for a position per row.
-        Return the live slots (B, nh, S, hs), S = the last position + 1."""
+        Return the live slots (B, nh, S, hs), S = the last position + 1: no query looks further."""
         if input_pos.dim() == 1:
             self.k[layer][:, :, input_pos] = k.to(self.k[layer].dtype)
             self.v[layer][:, :, input_pos] = v.to(self.v[layer].dtype)
@@ -49,7 +49,6 @@ class KVCache:
             slots = input_pos[:, None, :, None].expand_as(k)  # (B, nh, T, hs)
             self.k[layer].scatter_(2, slots, k.to(self.k[layer].dtype))
             self.v[layer].scatter_(2, slots, v.to(self.v[layer].dtype))
-        S = int(input_pos.max()) + 1  # no query looks past the last position
         return self.k[layer][:, :, :S], self.v[layer][:, :, :S]
 
     def keep_rows(self, rows):
@@ -72,12 +71,14 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, attn_mask=None, input_pos=None, cache=None):
         B, T, C = x.size()  # batch, new tokens, n_embd
+        S = attn_mask.size(-1) if cache is not None else None  # live cache slots
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
-            k, v = cache.update(self.layer, input_pos, k, v)  # (B, nh, S, hs), S = last pos + 1
+            k, v = cache.update(self.layer, input_pos, k, v, S)  # (B, nh, S, hs)
+            k, v = k.to(q.dtype), v.to(q.dtype)
         dropout_p = self.dropout if self.training else 0.0
         if attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
@@ -155,10 +156,11 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def make_cache(self, batch_size=1, max_len=None, dtype=torch.float32):
+    def make_cache(self, batch_size=1, max_len=None):
         """An empty KV cache for up to max_len positions (default: the whole context)."""
         max_len = max_len or self.config.block_size
-        return KVCache(self.config, batch_size, max_len, self.lm_head.weight.device, dtype)
+        w = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_len, w.device, w.dtype)
 
     def forward(self, idx, targets=None, input_pos=None, attn_mask=None, cache=None):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None).
@@ -175,10 +177,13 @@ class GPT(nn.Module):
         if input_pos is None:
             assert cache is None, "decoding with a cache needs input_pos (the absolute positions)"
             input_pos = torch.arange(T, device=idx.device)
+        last = int(input_pos.max())
+        if last >= self.config.block_size:
+            raise ValueError(f"position {last} is past the context ({self.config.block_size})")
         if cache is not None:
             # SDPA's is_causal aligns the mask to the top-left corner, which is wrong for a block of
             # queries that sits at the end of a longer cached sequence: build the mask explicitly.
-            slots = torch.arange(int(input_pos.max()) + 1, device=idx.device)
+            slots = torch.arange(last + 1, device=idx.device)
             attn_mask = slots <= input_pos[..., None]  # (T, S) or (B, T, S)
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask[:, None]  # (B, 1, T, T): the same mask for every head

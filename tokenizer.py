@@ -25,8 +25,8 @@ SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
-def train_bpe(text, vocab_size, pattern=SPLIT_PATTERN):
-    """Learn byte-pair merges on text; return tiktoken ranks {token bytes: id}.
+def train_bpe(texts, vocab_size, pattern=SPLIT_PATTERN):
+    """Learn byte-pair merges on a text (or a list of texts); return tiktoken ranks {bytes: id}.
 
     vocab_size counts the 256 single bytes, the merges and the end-of-text token. Words (the
     chunks of the split pattern) are counted once; the most frequent adjacent pair is merged
@@ -34,7 +34,8 @@ def train_bpe(text, vocab_size, pattern=SPLIT_PATTERN):
     """
     if vocab_size < 257:
         raise ValueError(f"vocab_size must be at least 257 (256 bytes + end-of-text), got {vocab_size}")
-    counts = Counter(regex.findall(pattern, text))
+    texts = [texts] if isinstance(texts, str) else texts
+    counts = Counter(chunk for text in texts for chunk in regex.findall(pattern, text))
     words = [list(w.encode("utf-8")) for w in counts]
     freqs = list(counts.values())
     token_bytes = [bytes([i]) for i in range(256)]

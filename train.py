@@ -15,7 +15,6 @@ init_from=resume continues bit for bit, and at the end the quality on held-out p
 
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -81,8 +80,7 @@ def setup_device(name):
     """(device, autocast context): bf16 autocast on CUDA, plain float32 on CPU."""
     device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
                           "cpu" if name == "auto" else name)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    if device.type == "cuda":  # (TF32 stays off: float32 decoding must stay exactly float32)
         return device, torch.autocast("cuda", dtype=torch.bfloat16)
     return device, nullcontext()
 
@@ -99,7 +97,7 @@ def load_checkpoint(path, device="cpu"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}: train one with `python train.py` "
                                 "(the target) or `python train_cllm.py` (the CLLM)")
-    checkpoint = torch.load(path, map_location=device, weights_only=False)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # RNG states stay on CPU
     model = GPT(GPTConfig(**checkpoint["model_args"]))
     model.load_state_dict(checkpoint["model"])
     return model.to(device).eval(), checkpoint
@@ -110,7 +108,16 @@ def encode_prompt(enc, text, model, max_new_tokens, device):
     (but at least half the context is kept for the prompt)."""
     context = model.config.block_size
     keep = max(context - max_new_tokens, context // 2)
-    return torch.tensor(enc.encode_ordinary(text)[-keep:], device=device)
+    return torch.tensor(enc.encode_ordinary(text)[-keep:], dtype=torch.long, device=device)
+
+
+def note_changed_settings(saved, cfg):
+    """On resume, say which settings differ from the checkpoint's (the run continues exactly only
+    when those that shape training, such as the schedule and batch size, are the same)."""
+    changed = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
+    changed.pop("init_from", None)
+    if changed:
+        print(f"resuming with settings that differ from the checkpoint's (saved, now): {changed}")
 
 
 def decode_text(enc, tokens):
@@ -142,7 +149,7 @@ def answer_loss(model, enc, records, device):
     model.eval()
     total, count = 0.0, 0
     for r in records:
-        prompt = enc.encode_ordinary(r["prompt"])
+        prompt = enc.encode_ordinary(r["prompt"])[-(model.config.block_size // 2):]  # as generation
         ids = (prompt + enc.encode_ordinary(r["answer"]) + [enc.eot_token])[:model.config.block_size + 1]
         x, y = torch.tensor(ids[:-1], device=device), torch.tensor(ids[1:], device=device)
         y[:len(prompt) - 1] = -1  # no loss on the prompt itself
@@ -188,13 +195,15 @@ def init_model(cfg, vocab_size, device):
                               dropout=cfg.dropout))
     elif cfg.init_from == "resume":
         model, checkpoint = load_checkpoint(ckpt_path, device)
+        note_changed_settings(checkpoint["config"], cfg)
     elif cfg.init_from == "gpt2":
         model = GPT.from_pretrained(cfg.gpt2_dir)
     else:
         raise ValueError(f"init_from must be 'scratch', 'resume' or 'gpt2', got {cfg.init_from!r}")
-    if model.config.vocab_size < vocab_size:
-        raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the "
-                         f"dataset's ({vocab_size}): prepare the dataset with a matching tokenizer")
+    if model.config.vocab_size != vocab_size:
+        raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is not the dataset's "
+                         f"({vocab_size}): GPT-2 weights need a dataset prepared with GPT-2's "
+                         "tokenizer (data/custom/prepare.py --tokenizer=gpt2)")
     model.to(device).train()
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                            (cfg.beta1, cfg.beta2), device.type)

@@ -20,7 +20,6 @@ import hashlib
 import importlib
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -162,7 +161,7 @@ def longest_run(tokens):
     return best
 
 
-def load_or_collect(cfg, target, enc, device):
+def load_or_collect(cfg, target, enc):
     """The trajectories of the target on the first num_prompts training prompts, from
     out_dir/trajectories.pt when it matches the current target, tokenizer and settings."""
     path = os.path.join(cfg.out_dir, "trajectories.pt")
@@ -364,7 +363,6 @@ def evaluate_jacobi(model, enc, records, cfg, metric, device):
         tokens, forwards = tokens + stats.tokens, forwards + stats.forwards
         repeated += longest_run(out.tolist()) >= cfg.repeat_limit
         scores.append(score(metric, r, train.decode_text(enc, out)))
-    model.train()
     quality = sum(scores) / len(scores) if scores and scores[0] is not None else None
     return dict(tokens_per_forward=tokens / max(forwards, 1), quality=quality,
                 repeated=repeated / max(len(records), 1))
@@ -389,9 +387,12 @@ def ensure_target(cfg):
         print(f"data/{cfg.dataset} is missing: preparing it (by hand: python data/{cfg.dataset}/prepare.py)")
         importlib.import_module(f"data.{cfg.dataset}.prepare").prepare([])
     if not os.path.isfile(os.path.join(cfg.target_dir, "ckpt.pt")):
+        config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", f"train_{cfg.dataset}.py")
+        args = ([config] if os.path.isfile(config) else []) + [f"--dataset={cfg.dataset}",
+                                                                f"--out_dir={cfg.target_dir}"]
         print(f"no target model in {cfg.target_dir}: training it first (by hand: python train.py "
-              f"--dataset={cfg.dataset} --out_dir={cfg.target_dir}; about 8 minutes on 2 CPU cores)")
-        train.main([f"--dataset={cfg.dataset}", f"--out_dir={cfg.target_dir}"])
+              f"{' '.join(args)}; about 7 minutes for arith on 2 CPU cores)")
+        train.main(args)
 
 
 def main(argv):
@@ -408,7 +409,7 @@ def main(argv):
         raise ValueError(f"the target in {cfg.target_dir} was trained on {target_ckpt['dataset']!r}, "
                          f"not {cfg.dataset!r}: set --dataset or --target_dir")
     torch.manual_seed(cfg.seed)
-    prompts = load_or_collect(cfg, target, enc, device)
+    prompts = load_or_collect(cfg, target, enc)
     if not prompts:
         raise ValueError("no usable trajectories (every prompt was dropped as repetitive)")
 
@@ -418,6 +419,7 @@ def main(argv):
     iter_num, curve, train_secs = 0, [], 0.0
     if cfg.init_from == "resume":
         model, checkpoint = train.load_checkpoint(ckpt_path, device)
+        train.note_changed_settings(checkpoint["config"], cfg)
         iter_num, curve, train_secs = checkpoint["iter_num"], checkpoint["curve"], checkpoint["train_secs"]
         batch_gen.set_state(checkpoint["batch_rng"])
         torch.set_rng_state(checkpoint["torch_rng"])
@@ -444,8 +446,9 @@ def main(argv):
               f"({time.time() - t:.1f}s)")
         base = curve[0]
         if e["quality"] is not None and base["quality"] is not None and e["quality"] < base["quality"] - 0.1:
-            print(f"WARNING: quality fell from {base['quality']:.3f} to {e['quality']:.3f}: a collapse? "
-                  "Raise ar_weight or lower learning_rate")
+            print(f"WARNING: quality fell from {base['quality']:.3f} to {e['quality']:.3f}. An early dip "
+                  "usually recovers as the learning rate decays; if it keeps falling, it is a "
+                  "collapse: raise ar_weight or lower learning_rate")
         if e["repeated"] > base["repeated"] + 0.1:
             print(f"WARNING: {e['repeated']:.0%} of the outputs repeat one token {cfg.repeat_limit}+ "
                   "times: a collapse into repetition? Raise ar_weight or lower learning_rate")
@@ -461,10 +464,11 @@ def main(argv):
     while iter_num < cfg.max_iters:
         if iter_num % cfg.eval_interval == 0 and not (curve and curve[-1]["iter"] == iter_num):
             evaluate_and_save()
-            t0 = time.time()
+            t0, last_log = time.time(), iter_num
         lr = train.get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        model.train()  # (evaluation leaves it in eval mode)
         step_start = time.time()
         idx = torch.randint(len(prompts), (cfg.batch_size,), generator=batch_gen).tolist()
         picked = [prompts[i] for i in idx]

@@ -1,4 +1,4 @@
-# The pycode target (CPython standard library functions) on a CPU, about 10 minutes.
+# The pycode target (CPython standard library functions) on a CPU, about 6 minutes.
 # python data/pycode/prepare.py && python train.py config/train_pycode.py
 out_dir = "out-pycode"
 dataset = "pycode"
@@ -7,7 +7,7 @@ n_head = 4
 n_embd = 128
 block_size = 256
 batch_size = 16
-max_iters = 2000
+max_iters = 1200
 learning_rate = 2e-3
 min_lr = 2e-4
 eval_prompts = 100

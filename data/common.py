@@ -1,7 +1,8 @@
 """
 A prepared dataset: the folder data/<name>/ that a prepare.py writes and the training scripts read.
 
-    tokenizer.tiktoken        BPE ranks trained on the training text (tiktoken's file format)
+    tokenizer.tiktoken        BPE ranks trained on the training text (tiktoken's file format);
+                              none when the dataset uses GPT-2's tokenizer (split_pattern "gpt2")
     train.bin, val.bin        uint16 token streams for pretraining: prompt + answer + EOT, repeated
                               (plus any other documents of the split, each ending with EOT)
     train/val/test.jsonl      {"prompt": ..., "answer": ...} records; test = the held-out prompts
@@ -54,27 +55,33 @@ def _write_atomic(path, write):
 
 
 def write_dataset(name, records, vocab_size, metric, source, settings, pattern=SPLIT_PATTERN,
-                  extra_text=None):
+                  extra_text=None, gpt2_tokenizer=False):
     """Train the tokenizer on the training text, then write everything listed above.
 
     records: {split: [{"prompt": str, "answer": str}]}; metric: "accuracy", "parse" or "loss".
     extra_text: {split: [str]}, more documents for the train/val streams (each ends with EOT).
+    gpt2_tokenizer: use GPT-2's own tokenizer instead (for GPT-2 weights; tiktoken downloads it).
     """
     extra_text = extra_text or {}
     t0 = time.time()
     out = dataset_dir(name)
     os.makedirs(out, exist_ok=True)
-    documents = {s: [r["prompt"] + r["answer"] for r in records[s]] + extra_text.get(s, [])
-                 for s in SPLITS}
-    train_text = "".join(documents["train"])
-    ranks = train_bpe(train_text, vocab_size, pattern)
-    _write_atomic(os.path.join(out, "tokenizer.tiktoken"), lambda p: save_ranks(ranks, p))
-    enc = make_encoding(ranks, pattern)
+    if gpt2_tokenizer:
+        enc, pattern = load_tokenizer("gpt2"), "gpt2"
+    else:
+        train_texts = [r[k] for r in records["train"] for k in ("prompt", "answer")]
+        ranks = train_bpe(train_texts + extra_text.get("train", []), vocab_size, pattern)
+        _write_atomic(os.path.join(out, "tokenizer.tiktoken"), lambda p: save_ranks(ranks, p))
+        enc = make_encoding(ranks, pattern)
     tokens = {}
     for split in SPLITS:
         _write_atomic(os.path.join(out, f"{split}.jsonl"), lambda p: _write_jsonl(p, records[split]))
-        ids = enc.encode_ordinary_batch(documents[split])
-        stream = np.array([t for seq in ids for t in [*seq, enc.eot_token]], dtype=np.uint16)
+        # prompt and answer are encoded apart, as they are at generation time: a token never
+        # straddles the point where the model starts to answer
+        prompts = enc.encode_ordinary_batch([r["prompt"] for r in records[split]])
+        answers = enc.encode_ordinary_batch([r["answer"] for r in records[split]])
+        docs = [p + a for p, a in zip(prompts, answers)] + enc.encode_ordinary_batch(extra_text.get(split, []))
+        stream = np.array([t for doc in docs for t in [*doc, enc.eot_token]], dtype=np.uint16)
         tokens[split] = len(stream)
         if split != "test":
             _write_atomic(os.path.join(out, f"{split}.bin"), stream.tofile)
@@ -116,6 +123,8 @@ def load_meta(name):
 
 def load_encoding(name):
     meta = load_meta(name)
+    if meta["split_pattern"] == "gpt2":  # prepared with GPT-2's own tokenizer
+        return load_tokenizer("gpt2")
     return load_tokenizer(os.path.join(dataset_dir(name), "tokenizer.tiktoken"), meta["split_pattern"])
 
 

@@ -3,6 +3,7 @@ Your own data: a jsonl file of {"prompt": ..., "answer": ...} records, or a plai
 
     python data/custom/prepare.py --input=my_data.jsonl --name=mydata
     python data/custom/prepare.py --input=notes.txt --name=notes
+    python data/custom/prepare.py --input=my_data.jsonl --name=mydata_gpt2 --tokenizer=gpt2
     python train.py --dataset=mydata --out_dir=out-mydata
 
 Plain text is cut into paragraphs at blank lines; a paragraph of two or more lines becomes a
@@ -28,6 +29,8 @@ class CustomConfig:
     name: str = "custom"       # written to data/<name>/
     vocab_size: int = 2048
     metric: str = "loss"       # "loss", "accuracy" or "parse"
+    tokenizer: str = "bpe"     # "bpe": our own, trained here; "gpt2": GPT-2's (for GPT-2 weights;
+                               # tiktoken downloads it once, so this needs internet)
     val_frac: float = 0.05
     test_frac: float = 0.05
 
@@ -69,6 +72,9 @@ def split_records(records, cfg):
     for s in ("val", "test"):  # a small file still gets a held-out record in each
         if not split[s] and len(split["train"]) > 1:
             split[s].append(split["train"].pop())
+    for s in ("val", "test"):  # ... and a training record
+        if not split["train"] and len(split[s]) > 1:
+            split["train"].append(split[s].pop())
     return split
 
 
@@ -81,6 +87,8 @@ def prepare(argv=()):
         raise FileNotFoundError(f"input file {cfg.input!r} not found")
     if cfg.metric not in ("loss", "accuracy", "parse"):
         raise ValueError(f"metric must be 'loss', 'accuracy' or 'parse', got {cfg.metric!r}")
+    if cfg.tokenizer not in ("bpe", "gpt2"):
+        raise ValueError(f"tokenizer must be 'bpe' or 'gpt2', got {cfg.tokenizer!r}")
     settings = dict(asdict(cfg), input_size=os.path.getsize(cfg.input),
                     input_mtime=os.path.getmtime(cfg.input))
     if is_prepared(cfg.name, settings):
@@ -92,7 +100,8 @@ def prepare(argv=()):
                          "(train, val and test)" + ("" if cfg.input.endswith(".jsonl") else
                          "; a text file needs paragraphs of two or more lines, blank lines between"))
     write_dataset(cfg.name, split_records(records, cfg), cfg.vocab_size, metric=cfg.metric,
-                  source=f"prepared from {os.path.abspath(cfg.input)}", settings=settings)
+                  source=f"prepared from {os.path.abspath(cfg.input)}", settings=settings,
+                  gpt2_tokenizer=cfg.tokenizer == "gpt2")
 
 
 if __name__ == "__main__":
