@@ -12,7 +12,7 @@ Jacobi fixed point form.
 In --show, each line is one state of a block: green tokens are committed (right, as is everything
 before them), yellow tokens are stationary (already right while something before them is still
 wrong), red tokens are still wrong. Without a colour terminal (or with NO_COLOR set) the same is
-written with markers: committed as is, [stationary], ~wrong~.
+written with markers around each run of tokens: committed as is, [stationary], ~wrong~.
 """
 
 import os
@@ -63,9 +63,19 @@ def token_kinds(state, fixed_point, later_states):
     return kinds
 
 
-def show_token(enc, token, kind, colour):
-    text = enc.decode([token]).replace("\n", "\u23ce")  # a visible newline
-    return f"{COLOURS[kind]}{text}\033[0m" if colour else MARKERS[kind].format(text)
+def show_state(enc, tokens, kinds, colour):
+    """One state as text: each run of tokens of one kind coloured, or wrapped in its marker."""
+    runs = []
+    for t, kind in zip(tokens, kinds):
+        if runs and runs[-1][0] == kind:
+            runs[-1][1].append(t)
+        else:
+            runs.append((kind, [t]))
+    out = ""
+    for kind, ts in runs:
+        text = enc.decode(ts).replace("\n", "\u23ce")  # a visible newline
+        out += f"{COLOURS[kind]}{text}\033[0m" if colour else MARKERS[kind].format(text)
+    return out
 
 
 def show_trajectory(enc, stats, colour):
@@ -74,8 +84,7 @@ def show_trajectory(enc, stats, colour):
         print(f"block {k}: {stats.iterations[k]} forward passes for {block.states.size(1)} tokens")
         for j, state in enumerate(block.states):
             kinds = token_kinds(state, block.fixed_point, block.states[j + 1:])
-            line = "".join(show_token(enc, t, kind, colour) for t, kind in zip(state.tolist(), kinds))
-            print(f"  y({j}) {line}")
+            print(f"  y({j}) {show_state(enc, state.tolist(), kinds, colour)}")
 
 
 def stats_line(tokens, forwards, secs):

@@ -57,6 +57,7 @@ class TrainConfig:
     eval_iters: int = 20
     log_interval: int = 25
     eval_prompts: int = 500      # held-out prompts for the final quality (0: none)
+    val_prompts: int = 50        # val prompts for the quality at every eval (0: none)
     max_new_tokens: int = 96
     # system
     device: str = "auto"         # "auto": cuda when present, else cpu
@@ -215,7 +216,8 @@ def init_model(cfg, vocab_size, device):
 def main(argv):
     cfg = configure(TrainConfig(), argv)
     device, ctx = setup_device(cfg.device)
-    meta = load_meta(cfg.dataset)
+    meta, enc = load_meta(cfg.dataset), load_encoding(cfg.dataset)
+    val_records = load_records(cfg.dataset, "val")[:cfg.val_prompts]
     splits = {"train": load_tokens(cfg.dataset, "train"), "val": load_tokens(cfg.dataset, "val")}
     for name, data in splits.items():
         if len(data) < cfg.block_size + 2:
@@ -251,7 +253,10 @@ def main(argv):
         if iter_num % cfg.eval_interval == 0 and iter_num > 0:
             losses = estimate_loss(model, splits, cfg, ctx, device)
             best_val = min(best_val, losses["val"])
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            quality = evaluate_quality(model, enc, val_records, meta["metric"], cfg.max_new_tokens, device)
+            model.train()
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                  + (f", val {meta['metric']} {quality:.3f}" if quality is not None else ""))
             checkpoint_now()
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
@@ -277,7 +282,6 @@ def main(argv):
           f"({(time.time() - t_start) / 60:.1f} min)")
     checkpoint_now()
     records = load_records(cfg.dataset, "test")[:cfg.eval_prompts]
-    enc = load_encoding(cfg.dataset)
     quality = evaluate_quality(model, enc, records, meta["metric"], cfg.max_new_tokens, device)
     if records:
         print(f"held-out answer loss {answer_loss(model, enc, records, device):.4f}"

@@ -19,7 +19,7 @@ def dataset(tmp_path_factory):
 def tiny_args(dataset, out_dir, **overrides):
     args = dict(dataset=dataset, out_dir=str(out_dir), n_layer=1, n_head=2, n_embd=32,
                 block_size=32, batch_size=4, max_iters=6, lr_decay_iters=6, warmup_iters=2,
-                eval_interval=1000, eval_iters=2, log_interval=1, eval_prompts=2,
+                eval_interval=2, eval_iters=2, log_interval=1, eval_prompts=2, val_prompts=2,
                 max_new_tokens=8, dropout=0.1)
     args.update(overrides)
     return [f"--{k}={v}" for k, v in args.items()]
@@ -28,7 +28,7 @@ def tiny_args(dataset, out_dir, **overrides):
 def test_train_writes_a_checkpoint_that_resumes_exactly(dataset, tmp_path, capsys):
     train.main(tiny_args(dataset, tmp_path / "straight"))
     out = capsys.readouterr().out
-    assert "iter 6: loss" in out and "held-out answer loss" in out
+    assert "iter 6: loss" in out and "held-out answer loss" in out and "val accuracy" in out
     train.main(tiny_args(dataset, tmp_path / "split", max_iters=3))
     train.main(tiny_args(dataset, tmp_path / "split", init_from="resume"))
     a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)
