@@ -86,6 +86,15 @@ def setup_device(name):
     return device, nullcontext()
 
 
+def optimizer_step(model, optimizer, loss, grad_clip):
+    """Backpropagate loss, clip the gradient norm (grad_clip > 0), step, clear the gradients."""
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def save_checkpoint(path, checkpoint):
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -264,11 +273,7 @@ def main(argv):
         x, y = get_batch(splits["train"], cfg, batch_gen, device)
         with ctx:
             _, loss = train_model(x, y)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, loss, cfg.grad_clip)
         iter_num += 1
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
             dt = (time.time() - t0) / (iter_num - last_log)

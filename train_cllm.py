@@ -16,6 +16,7 @@ On a fresh clone `python train_cllm.py` first prepares data/arith and trains the
 (python data/arith/prepare.py; python train.py) when they are missing.
 """
 
+import copy
 import hashlib
 import importlib
 import json
@@ -161,11 +162,11 @@ def longest_run(tokens):
     return best
 
 
-def load_or_collect(cfg, target, enc):
+def load_or_collect(cfg, target, target_id, enc):
     """The trajectories of the target on the first num_prompts training prompts, from
     out_dir/trajectories.pt when it matches the current target, tokenizer and settings."""
     path = os.path.join(cfg.out_dir, "trajectories.pt")
-    meta = dict(target=fingerprint(target.state_dict()), dataset=cfg.dataset,
+    meta = dict(target=target_id, dataset=cfg.dataset,
                 tokenizer=fingerprint(os.path.join(dataset_dir(cfg.dataset), "tokenizer.tiktoken")),
                 n=cfg.n, init=cfg.init, num_prompts=cfg.num_prompts,
                 max_new_tokens=cfg.traj_max_new_tokens, repeat_limit=cfg.repeat_limit, seed=cfg.seed)
@@ -409,7 +410,8 @@ def main(argv):
         raise ValueError(f"the target in {cfg.target_dir} was trained on {target_ckpt['dataset']!r}, "
                          f"not {cfg.dataset!r}: set --dataset or --target_dir")
     torch.manual_seed(cfg.seed)
-    prompts = load_or_collect(cfg, target, enc)
+    target_id = fingerprint(target.state_dict())  # which target the trajectories and CLLM come from
+    prompts = load_or_collect(cfg, target, target_id, enc)
     if not prompts:
         raise ValueError("no usable trajectories (every prompt was dropped as repetitive)")
 
@@ -424,7 +426,7 @@ def main(argv):
         batch_gen.set_state(checkpoint["batch_rng"])
         torch.set_rng_state(checkpoint["torch_rng"])
     else:
-        model, checkpoint = train.load_checkpoint(os.path.join(cfg.target_dir, "ckpt.pt"), device)
+        model = copy.deepcopy(target)  # the CLLM starts from the target's weights
     model.train()
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                            (cfg.beta1, cfg.beta2), device.type)
@@ -458,7 +460,7 @@ def main(argv):
                 optimizer=optimizer.state_dict(), iter_num=iter_num, config=asdict(cfg),
                 dataset=cfg.dataset, batch_rng=batch_gen.get_state(), torch_rng=torch.get_rng_state(),
                 curve=curve, train_secs=train_secs, kind="cllm",
-                target=fingerprint(target.state_dict())))
+                target=target_id))
 
     t0, last_log = time.time(), iter_num
     while iter_num < cfg.max_iters:
@@ -476,11 +478,7 @@ def main(argv):
                 for p, c in zip(picked, sample_choices(picked, cfg.states_per_block, batch_gen))]
         with ctx:
             loss, l_c, l_ar = distillation_loss(train_model, collate(rows, device), cfg)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train.optimizer_step(model, optimizer, loss, cfg.grad_clip)
         train_secs += time.time() - step_start
         iter_num += 1
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
