@@ -5,8 +5,10 @@ one source of truth), overridden by config files and then by --key=value on the 
     python train.py config/train_arith_gpu.py --max_iters=2000 --compile=False
     python sample.py --jacobi                      # a bare --flag sets a True/False setting
 
-A config file is plain Python that assigns some of the settings. Unknown keys and values of the
-wrong type are errors that name the problem; nothing is silently ignored.
+A config file is plain Python that assigns some of the settings. Unknown keys, values of the
+wrong type, a value outside a setting's choices (a Literal type) and a count below its least
+value (AT_LEAST, shared by every script) are errors that name the problem, raised before anything
+expensive runs; nothing is silently ignored.
 """
 
 import ast
@@ -14,6 +16,18 @@ import difflib
 import os
 import sys
 from dataclasses import fields, replace
+from typing import Literal, get_args, get_origin
+
+# The least value of a setting, by name, in every script that has it (for a list, of each item).
+AT_LEAST = dict(n=1, ns=1, max_new_tokens=0, traj_max_new_tokens=0, num_prompts=1, num_samples=1,
+                collect_batch=1, batch_size=1, states_per_block=1, noise_window=1, eval_interval=1,
+                log_interval=1, eval_iters=1, eval_prompts=0, val_prompts=0, final_prompts=0,
+                max_iters=0, warmup_iters=0, lr_decay_iters=0, repeat_limit=2, warmup=0, threads=0,
+                n_layer=1, n_head=1, n_embd=1, block_size=0, vocab_size=257, num_train=3,
+                num_val=1, num_test=1, learning_rate=0.0, min_lr=0.0, weight_decay=0.0,
+                grad_clip=0.0, dropout=0.0, ar_weight=0.0, label_smoothing=0.0, val_frac=0.0,
+                test_frac=0.0, grad_accum=1, max_epochs=0.0, max_loss_rise=0.0, max_quality_drop=0.0,
+                max_repeat_rise=0.0, guard_patience=0, blocks=0, final_blocks=0)
 
 
 def _unknown(key, cfg):
@@ -44,8 +58,23 @@ def _parse_value(key, text, default):
     return _typed(key, value, default)
 
 
+def check(cfg):
+    """Every setting within its choices and its least value (see the module docstring)."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if get_origin(f.type) is Literal and value not in get_args(f.type):
+            raise ValueError(f"{f.name} must be one of {', '.join(map(repr, get_args(f.type)))}, "
+                             f"got {value!r}")
+        least = AT_LEAST.get(f.name)
+        for v in (value if isinstance(value, list) else [value]):
+            if least is not None and not (isinstance(v, (int, float)) and v >= least):
+                raise ValueError(f"{f.name} must be at least {least}, got {value!r}")
+    return cfg
+
+
 def configure(cfg, argv):
-    """Return a copy of the dataclass instance cfg with config files and --key=value applied."""
+    """Return a copy of the dataclass instance cfg with config files and --key=value applied,
+    checked (check)."""
     for arg in argv:
         if not arg.startswith("--"):
             if not os.path.isfile(arg):
@@ -68,13 +97,15 @@ def configure(cfg, argv):
                 raise ValueError(f"{arg!r}: write settings as --key=value")
             value = _parse_value(key, text, getattr(cfg, key)) if eq else True  # --flag: True
             cfg = replace(cfg, **{key: value})
-    return cfg
+    return check(cfg)
 
 
 def run(main):
     """Run a script's main(argv). A bad setting, a missing file or a bad input is reported in one
-    line that says what to do, not in a traceback."""
+    line that says what to do, not in a traceback. Output is line-buffered, so that progress
+    shows at once also when it goes to a pipe or a file (python train_cllm.py | tee log)."""
+    sys.stdout.reconfigure(line_buffering=True)
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")

@@ -8,14 +8,15 @@ refines all of them in one forward pass per iteration:
 
 until y^(j+1) == y^(j): the fixed point y*, which is exactly what greedy decoding would produce.
 y_1 is right after the first pass (its context x is final) and every pass makes at least one more
-token right, so a block converges in at most n passes. After a pass, the longest prefix of the block
-whose inputs were already right is final: it is committed and never run again (fast-forward).
+token right, so a block converges in at most n passes (and one more pass sees that it has).
 
 Read jacobi_decode_reference first: the paper's loop with no cache, re-running the whole sequence
-each iteration. jacobi_decode is the same loop with the KV cache; the tests check that it gives the
-same tokens and the same trajectory as the reference, and the same tokens as greedy_decode.
+each iteration. jacobi_decode is the same loop with the KV cache and fast-forward; the tests check
+that it gives the same tokens and the same trajectory as the reference, and the same tokens as
+greedy_decode. collect_trajectories runs the same loop for many prompts at once: the training data
+of a CLLM (train_cllm.py). decoders.py has the decoders that go past the paper's loop.
 
-Call model.eval() first. Batch size 1: per-row acceptance would make a batch ragged.
+Call model.eval() first. Batch size 1 (but for collection): per-row acceptance makes batches ragged.
 """
 
 from dataclasses import dataclass, field
@@ -36,14 +37,15 @@ class BlockTrajectory:
 
 @dataclass
 class JacobiStats:
-    forwards: int = 0                                 # decoder forward passes, prefill included
+    """What jacobi_decode did. The loop records only what it has at hand (host-side counts and the
+    state after each pass); the derived numbers are computed when read, after decoding, so that
+    none of them costs time (or a device sync) inside a timed region."""
+    forwards: int = 0                                 # decoder forward passes
     iterations: list = field(default_factory=list)    # forward passes per block
     accepted: list = field(default_factory=list)      # tokens committed by each forward pass
-    fast_forwarded: int = 0   # tokens committed beyond the one a pass always gets right
-                              # (stationary tokens are among them once they are committed)
-    stationary: int = 0       # tokens already at their fixed-point value (and staying there)
-                              # while a token before them was still wrong
-    trajectory: list = None   # [BlockTrajectory] when asked for
+    passes: list = field(default_factory=list)        # per block: (start, [y^(0), state after
+                                                      # each pass], committed length)
+    seq: torch.Tensor = None                          # prompt + output: the blocks' prefixes
 
     @property
     def tokens(self):
@@ -52,6 +54,22 @@ class JacobiStats:
     @property
     def tokens_per_forward(self):
         return self.tokens / self.forwards if self.forwards else 0.0
+
+    @property
+    def fast_forwarded(self):
+        """Tokens committed beyond the one a pass always gets right."""
+        return self.tokens - self.forwards
+
+    @property
+    def trajectory(self):
+        """[BlockTrajectory]: every block's distinct states, cut where the block ended (EOS)."""
+        return [BlockTrajectory(self.seq[:start].clone(), distinct(torch.stack(states)[:, :length]))
+                for start, states, length in self.passes]
+
+    @property
+    def stationary(self):
+        """Tokens that were stationary in some state (see stationary_tokens), over all blocks."""
+        return sum(int(stationary_tokens(b.states).any(0).sum()) for b in self.trajectory)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,7 +108,7 @@ def initial_guess(prefix, n, init, generator):
 
     "prefix": n tokens drawn uniformly, with replacement, from the prefix (the paper's choice;
     use the same one in trajectory collection, training and inference). "repeat": the last token
-    n times.
+    n times. The draws come from a host generator, so a seed gives the same guesses on any device.
     """
     if init == "prefix":
         picks = torch.randint(len(prefix), (n,), generator=generator).to(prefix.device)
@@ -100,30 +118,37 @@ def initial_guess(prefix, n, init, generator):
     raise ValueError(f"unknown init {init!r}: use 'prefix' or 'repeat'")
 
 
-def leading_true(mask):
-    """Length of the run of True at the start of a 1-D bool tensor."""
-    return int(mask.long().cumprod(0).sum())
+def accept(y_next, guess, eos_id=None):
+    """The acceptance rule of a pass over guessed tokens: (how many of y_next to commit, whether
+    they end with EOS). y_next, guess: lists of token ids.
+
+    guess were the inputs after the last final token and y_next the argmax outputs at the same
+    positions. y_next[0] is right (all its inputs were final); y_next[i + 1] is right if guess[i]
+    was, i.e. if y_next[i] == guess[i]: commit that leading run (fast-forward), and nothing
+    after an EOS. The last guess is never an input, so it is never compared.
+    """
+    accepted = 1
+    while accepted < len(y_next) and y_next[accepted - 1] == guess[accepted - 1]:
+        accepted += 1
+    if eos_id in y_next[:accepted]:
+        return y_next.index(eos_id) + 1, True
+    return accepted, False
 
 
-def count_stationary(states):
-    """Tokens that reached their fixed-point value, and kept it, while a token before them was
-    still wrong (the paper's stationary tokens, section 3.3). states: (S, n), last row y*."""
-    right = states == states[-1]                            # (S, n)
-    stays = right.flip(0).long().cumprod(0).flip(0).bool()  # right from this state on
-    settled = stays.long().argmax(0)                        # (n,) first state of the final run
-    right_prefix = right.long().cumprod(1).sum(1)           # (S,) leading right tokens per state
-    return int((right_prefix[settled] < torch.arange(states.size(1))).sum())
+def stationary_tokens(states):
+    """(S, n) bool: which tokens of each state are stationary (paper section 3.3): right (equal to
+    the fixed point, states[-1]) and staying right in every later state, while a token before
+    them in that state is still wrong. The one definition, for the statistics and for --show.
 
-
-def _drop_repeats(states):
-    """Remove states equal to the one before them (a truncated block can repeat a state)."""
-    keep = [0] + [j for j in range(1, len(states)) if not torch.equal(states[j], states[j - 1])]
-    return states[keep]
-
-
-def block_trajectory(prefix, states, length):
-    """The states of a block, cut to its first `length` tokens (a block cut at EOS)."""
-    return BlockTrajectory(prefix.clone(), _drop_repeats(torch.stack(states)[:, :length]))
+        y(0)  9 2 9 4        token 1 (2) and token 3 (4) are right behind a wrong token 0
+        y(1)  1 2 7 4        token 3 still right behind a wrong token 2
+        y(2)  1 2 3 4        y*: nothing wrong, nothing stationary
+        -> [[F T F T], [F F F T], [F F F F]]: two tokens were stationary at some point
+    """
+    right = states == states[-1]                                # (S, n)
+    stays = right.flip(0).long().cumprod(0).flip(0).bool()      # right from this state on
+    right_prefix = right.long().cumprod(1).sum(1, keepdim=True)  # (S, 1) leading right tokens
+    return stays & (torch.arange(states.size(1), device=states.device) >= right_prefix)
 
 
 def eos_end(tokens, eos_id):
@@ -132,26 +157,33 @@ def eos_end(tokens, eos_id):
     return int(hits[0]) + 1 if len(hits) else None
 
 
+def distinct(states):
+    """The rows of states (S, n) that differ from the row before them (a pass can leave a block
+    unchanged: the confirming pass, or changes after an EOS that the block is cut at)."""
+    keep = [0] + [j for j in range(1, len(states)) if not torch.equal(states[j], states[j - 1])]
+    return states[keep]
+
+
 # ----------------------------------------------------------------------------------------------
 # greedy autoregressive decoding: the baseline, one token per forward pass
 
 @torch.no_grad()
 def greedy_decode(model, idx, max_new_tokens, eos_id=None):
-    """Greedy AR decoding with the KV cache. Returns the new tokens (N,), EOS included."""
+    """Greedy AR decoding with the KV cache. Returns the new tokens (N,), EOS included.
+    One read from the device per token (is it EOS?), none without an eos_id."""
     prompt, budget = check_inputs(model, idx, max_new_tokens)
-    P, device = len(prompt), prompt.device
-    out = []
+    P, out = len(prompt), []
     if budget == 0:
         return prompt.new_empty(0)
     cache = model.make_cache()
-    logits, _ = model(prompt[None], input_pos=torch.arange(P, device=device), cache=cache)  # prefill
+    logits, _ = model(prompt[None], input_pos=range(P), cache=cache)  # prefill
     while True:
         token = logits[0, -1].argmax()  # y_i = argmax p(. | x, y_<i)
         out.append(token)
-        if len(out) == budget or token.item() == eos_id:
+        if len(out) == budget or (eos_id is not None and token.item() == eos_id):
             return torch.stack(out)
-        pos = torch.tensor([P + len(out) - 1], device=device)
-        logits, _ = model(token.view(1, 1), input_pos=pos, cache=cache)
+        pos = P + len(out) - 1
+        logits, _ = model(token.view(1, 1), input_pos=range(pos, pos + 1), cache=cache)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,8 +211,8 @@ def jacobi_decode_reference(model, idx, max_new_tokens, n=16, eos_id=None, init=
             states.append(y)
         else:
             raise AssertionError("a Jacobi block did not converge in n + 1 iterations")
-        stop = eos_end(y, eos_id)
-        trajectory.append(block_trajectory(seq, states, stop or b))
+        stop = eos_end(y, eos_id)  # the block ends at its first EOS
+        trajectory.append(BlockTrajectory(seq, distinct(torch.stack(states)[:, :stop or b])))
         seq = torch.cat([seq, y[:stop]])
         if stop:
             break
@@ -188,53 +220,119 @@ def jacobi_decode_reference(model, idx, max_new_tokens, n=16, eos_id=None, init=
 
 
 @torch.no_grad()
-def jacobi_decode(model, idx, max_new_tokens, n=16, eos_id=None, init="prefix", seed=0,
-                  return_trajectory=False):
+def jacobi_decode(model, idx, max_new_tokens, n=16, eos_id=None, init="prefix", seed=0):
     """Jacobi decoding in blocks of n tokens, with the KV cache and fast-forward.
 
     Returns (new tokens (N,), JacobiStats). The tokens equal greedy_decode's (in float32).
-    seed makes the initial guesses reproducible. return_trajectory keeps every block's states.
+    seed makes the initial guesses reproducible.
+
+    The index arithmetic, on a 3-token prompt x0 x1 x2 and a block of n = 5 (start = 3, end = 8):
+      seq[:done] is final; cache slots [0, cached) hold keys/values computed from final tokens.
+      pass 1: done = 3, cached = 0. Inputs seq[0:7] = x0 x1 x2 g0 g1 g2 g3 at positions 0..6 (the
+              prompt goes in with the first pass: no separate prefill); g4 is not an input, no
+              position of the block comes after it. The logits at positions 2..6 predict seq[3:8].
+              Say they give a b c' d' e' with a != g0: accepted = 1. done = 4, cached = 3: slot 3
+              holds the keys of g0, the guess that was at position 3, not of a, so it is scratch.
+      pass 2: inputs seq[3:7] = a b c' d' at positions 3..6 (slot 3 is recomputed, now from a).
+              Outputs at 3..6 predict seq[4:8]: b c d e'. b == b and c != c': accepted = 2
+              (b, whose input a was final, and c, whose inputs a b were final). done = 6, cached = 5.
+      pass 3: inputs seq[5:7] = c d at positions 5, 6; they predict seq[6:8] = d e. d == d, so both
+              are right: accepted = 2, done = 8 = end. The block took 3 passes for 5 tokens.
+    cached = done - 1 always: the last committed token's keys and values were computed from the
+    guess that stood at its position, so the next pass runs it again.
     """
     prompt, budget = check_inputs(model, idx, max_new_tokens, n)
     generator = torch.Generator().manual_seed(seed)
-    P, device = len(prompt), prompt.device
-    stats = JacobiStats(trajectory=[] if return_trajectory else None)
+    P = len(prompt)
     seq = torch.cat([prompt, prompt.new_zeros(budget)])  # prompt, then the tokens to come
+    stats = JacobiStats(seq=seq)
     cache = model.make_cache()
     done = P     # seq[:done] is final: the prompt and every committed token
     cached = 0   # cache slots [0, cached) hold final keys/values (the prompt is not in yet)
-    while done < P + budget:
+    stop = False
+    while done < P + budget and not stop:
         start, end = done, min(done + n, P + budget)  # this block is seq[start:end]
         seq[start:end] = initial_guess(seq[:start], end - start, init, generator)
-        states, forwards = [seq[start:end].clone()], 0
-        while done < end:
+        states = [seq[start:end].clone()]
+        while done < end and not stop:
             # One Jacobi iteration over the unconverged part of the block. Inputs: the final
             # tokens not yet in the cache (the whole prompt on the first pass, else just the last
             # one) and the guesses; the logit at position i predicts the token at i + 1.
-            pos = torch.arange(cached, end - 1, device=device)
-            logits, _ = model(seq[cached:end - 1][None], input_pos=pos, cache=cache)
+            logits, _ = model(seq[cached:end - 1][None], input_pos=range(cached, end - 1), cache=cache)
             y_next = logits[0, done - 1 - cached:].argmax(-1)  # (end - done,) for seq[done:end]
-            # y_next[0] is right (its inputs were final); y_next[i + 1] is right if the guess at i
-            # was right, i.e. the input did not change: commit that run (fast-forward).
-            accepted = 1 + leading_true(y_next[:-1] == seq[done:end - 1])
+            outputs, guess = torch.stack([y_next, seq[done:end]]).tolist()  # the pass's one device read
+            accepted, stop = accept(outputs, guess, eos_id)
             seq[done:end] = y_next
-            if not torch.equal(seq[start:end], states[-1]):
-                states.append(seq[start:end].clone())
-            forwards += 1
-            stop = eos_end(seq[done:done + accepted], eos_id)
-            accepted = stop or accepted  # nothing after an EOS is kept
+            states.append(seq[start:end].clone())
             stats.accepted.append(accepted)
             done += accepted
-            cached = done - 1  # keys/values up to the last final token's predecessor are final
-            if stop:
-                break
-        block = block_trajectory(seq[:start], states, done - start)
-        stats.forwards += forwards
-        stats.iterations.append(forwards)
-        stats.stationary += count_stationary(block.states)
-        if return_trajectory:
-            stats.trajectory.append(block)
-        if stop:
-            break
-    stats.fast_forwarded = stats.tokens - stats.forwards
+            cached = done - 1  # see the docstring: the last committed token is run again
+        stats.iterations.append(len(states) - 1)
+        stats.passes.append((start, states, done - start))
+    stats.forwards = sum(stats.iterations)
     return seq[P:done], stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Jacobi trajectories of many prompts at once: the training data of a CLLM
+
+@torch.no_grad()
+def collect_trajectories(model, prompts, n, max_new_tokens, eos_id=None, init="prefix", seeds=None):
+    """Jacobi-decode many prompts side by side; return, per prompt, its [BlockTrajectory].
+
+    The same states as jacobi_decode(model, prompt, ..., seed=seeds[i]).trajectory, computed for
+    a whole batch at once: every row sits at its own positions in one KV cache (input_pos
+    (B, T)), and each iteration re-runs every row's whole block, so that rows that converged
+    early keep final keys and values while the others go on.
+    """
+    device, context = next(model.parameters()).device, model.config.block_size
+    seeds = seeds if seeds is not None else [0] * len(prompts)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    seqs = [p.to(device) for p in prompts]
+    budgets = [min(max_new_tokens, context - len(p)) for p in prompts]
+    trajectories = [[] for _ in prompts]
+    active = [i for i in range(len(prompts)) if budgets[i] > 0]
+    cache = model.make_cache(batch_size=len(active))
+    # prefill all but each prompt's last token, right-padded (pad slots are overwritten later)
+    width = max((len(seqs[i]) - 1 for i in active), default=0)
+    if width > 0:
+        rows = [torch.cat([seqs[i][:-1], seqs[i].new_zeros(width - len(seqs[i]) + 1)]) for i in active]
+        model(torch.stack(rows), input_pos=range(width), cache=cache)
+    while active:
+        starts = [len(seqs[i]) for i in active]
+        sizes = [min(n, len(prompts[i]) + budgets[i] - len(seqs[i])) for i in active]
+        y = torch.zeros(len(active), n, dtype=torch.long, device=device)
+        for r, i in enumerate(active):
+            y[r, :sizes[r]] = initial_guess(seqs[i], sizes[r], init, generators[i])
+        last = torch.stack([seqs[i][-1] for i in active])
+        # inputs: the last final token, then the guesses; a row's padding sits at later positions
+        pos = torch.stack([torch.arange(s - 1, s - 1 + n) for s in starts]).clamp(max=context - 1)
+        valid = torch.arange(n)[None, :] < torch.tensor(sizes)[:, None]  # (A, n)
+        valid, pos = valid.to(device), pos.to(device)
+        states = [[y[r, :sizes[r]].clone()] for r in range(len(active))]
+        converged = torch.zeros(len(active), dtype=torch.bool, device=device)
+        for _ in range(n + 1):  # n passes to converge at the latest, one more to see it
+            x = torch.cat([last[:, None], y[:, :-1]], dim=1)  # (A, n)
+            logits, _ = model(x, input_pos=pos, cache=cache)
+            y_next = logits.argmax(-1)  # (A, n): the Jacobi update of every row at once
+            changed = ((y_next != y) & valid).any(1) & ~converged
+            converged |= ~changed
+            y = torch.where(changed[:, None], y_next, y)
+            for r in changed.nonzero().flatten().tolist():
+                states[r].append(y[r, :sizes[r]].clone())
+            if converged.all():
+                break
+        assert converged.all(), "a Jacobi block did not converge in n iterations"
+        keep = []
+        for r, i in enumerate(active):
+            fixed = y[r, :sizes[r]]
+            end = eos_end(fixed, eos_id)  # the block ends at its first EOS
+            block = torch.stack(states[r])[:, :end or sizes[r]]
+            trajectories[i].append(BlockTrajectory(seqs[i].clone(), distinct(block)))
+            seqs[i] = torch.cat([seqs[i], fixed[:end]])
+            if not end and len(seqs[i]) < len(prompts[i]) + budgets[i]:
+                keep.append(r)
+        active = [active[r] for r in keep]
+        if len(keep) < len(converged):
+            cache.keep_rows(torch.tensor(keep, dtype=torch.long, device=device))
+    return trajectories

@@ -9,8 +9,9 @@ Three ways to call the model, all through GPT.forward:
   model(idx)                                   plain causal LM, logits for every position
   model(idx, input_pos=pos, attn_mask=mask)    packed training rows: explicit positions and a
                                                boolean mask (True = may attend)
-  model(idx, input_pos=pos, cache=cache)       decoding: keys/values of the new tokens are
-                                               written into `cache` at slots `pos`
+  model(idx, input_pos=range(a, b), cache=cache)
+                                               decoding: keys/values of the new tokens are
+                                               written into `cache` at slots a .. b-1
 """
 
 import json
@@ -26,11 +27,11 @@ from torch.nn import functional as F
 class KVCache:
     """Preallocated keys and values of every layer, sized by the caller: (B, n_head, max_len, hs).
 
-    Invariant: slots before the committed length hold keys/values computed from final tokens and
-    are never touched again; slots from the committed length on are scratch. A forward writes its
-    new tokens at slots `input_pos` and each query attends to every slot up to its own position,
-    so rolling back a rejected guess costs nothing: the next forward simply overwrites the slots.
-    The cache does not even store the committed length; the decoding loop owns it (jacobi.py).
+    Invariant: the decoding loop keeps a length `cached` (jacobi.py); slots before it hold keys and
+    values computed from final tokens and are never written again, slots from it on are scratch.
+    A forward writes its new tokens at slots `input_pos` and each query attends to every slot up
+    to its own position, so rolling back a rejected guess costs nothing: the next forward simply
+    overwrites the slots. The cache does not store `cached` itself; the decoding loop owns it.
     """
 
     def __init__(self, config, batch_size, max_len, device=None, dtype=torch.float32):
@@ -40,15 +41,17 @@ class KVCache:
         self.max_len = max_len
 
     def update(self, layer, input_pos, k, v, S):
-        """Write k, v (B, nh, T, hs) at slots input_pos: (T,), or (B, T) for a position per row.
-        Return the live slots (B, nh, S, hs), S = the last position + 1: no query looks further."""
-        if input_pos.dim() == 1:
-            self.k[layer][:, :, input_pos] = k.to(self.k[layer].dtype)
-            self.v[layer][:, :, input_pos] = v.to(self.v[layer].dtype)
+        """Write k, v (B, nh, T, hs) at slots input_pos: a range (consecutive slots, the same for
+        every row), or a tensor (B, T) with a position per row. Return the live slots
+        (B, nh, S, hs), S = the last position + 1: no query looks further."""
+        k, v = k.to(self.k[layer].dtype), v.to(self.v[layer].dtype)
+        if isinstance(input_pos, range):
+            self.k[layer][:, :, input_pos.start:input_pos.stop] = k
+            self.v[layer][:, :, input_pos.start:input_pos.stop] = v
         else:
             slots = input_pos[:, None, :, None].expand_as(k)  # (B, nh, T, hs)
-            self.k[layer].scatter_(2, slots, k.to(self.k[layer].dtype))
-            self.v[layer].scatter_(2, slots, v.to(self.v[layer].dtype))
+            self.k[layer].scatter_(2, slots, k)
+            self.v[layer].scatter_(2, slots, v)
         return self.k[layer][:, :, :S], self.v[layer][:, :, :S]
 
     def keep_rows(self, rows):
@@ -165,10 +168,12 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, input_pos=None, attn_mask=None, cache=None):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None).
 
-        input_pos: absolute positions of the tokens, (T,) or (B, T); default 0..T-1.
+        input_pos: absolute positions of the tokens: a range (consecutive positions, as decoding
+                   uses: known on the host, so reading the last one costs no device sync), or a
+                   tensor (T,) or (B, T); default 0..T-1.
         attn_mask: boolean (T, T) or (B, T, T), True where a query may attend to a key;
                    default causal. For packed rows of several sequences sharing a prefix.
-        cache:     a KVCache; then input_pos is required, (T,) or (B, T) (rows at different
+        cache:     a KVCache; then input_pos is required, a range or (B, T) (rows at different
                    positions), the new keys and values go to slots input_pos and each query sees
                    every slot up to its own position.
         targets:   (B, T) next-token ids, -1 where no loss is taken (padding).
@@ -176,21 +181,26 @@ class GPT(nn.Module):
         B, T = idx.size()
         if input_pos is None:
             assert cache is None, "decoding with a cache needs input_pos (the absolute positions)"
-            input_pos = torch.arange(T, device=idx.device)
-        last = int(input_pos.max())
+            input_pos = range(T)
+        if isinstance(input_pos, range):
+            last = input_pos[-1]
+            pos = torch.arange(input_pos.start, input_pos.stop, device=idx.device)
+        else:
+            last, pos = int(input_pos.max()), input_pos.to(idx.device)
+            assert cache is None or pos.dim() == 2, "a cache takes a range or (B, T) positions"
         if last >= self.config.block_size:
             raise ValueError(f"position {last} is past the context ({self.config.block_size})")
         if cache is not None:
             # SDPA's is_causal aligns the mask to the top-left corner, which is wrong for a block of
             # queries that sits at the end of a longer cached sequence: build the mask explicitly.
-            slots = torch.arange(last + 1, device=idx.device)
-            attn_mask = slots <= input_pos[..., None]  # (T, S) or (B, T, S)
+            attn_mask = torch.arange(last + 1, device=idx.device) <= pos[..., None]  # (T, S), (B, T, S)
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask[:, None]  # (B, 1, T, T): the same mask for every head
-        x = self.transformer.wte(idx) + self.transformer.wpe(input_pos)  # (B, T, n_embd)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, n_embd)
         x = self.transformer.drop(x)
+        slots = input_pos if isinstance(input_pos, range) else pos  # where the cache writes
         for block in self.transformer.h:
-            x = block(x, attn_mask, input_pos, cache)
+            x = block(x, attn_mask, slots, cache)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab): Jacobi needs every one
         loss = None
         if targets is not None:

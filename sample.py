@@ -9,10 +9,12 @@ Jacobi fixed point form.
     python sample.py --start="Question: Ava has 12 apples. ..."   # or --start=FILE:prompt.txt
     python sample.py --out_dir=out-arith     # the target model instead of the CLLM
 
-In --show, each line is one state of a block: green tokens are committed (right, as is everything
-before them), yellow tokens are stationary (already right while something before them is still
-wrong), red tokens are still wrong. Without a colour terminal (or with NO_COLOR set) the same is
-written with markers around each run of tokens: committed as is, [stationary], ~wrong~.
+In --show, each line is one state of a block, the state after each forward pass: green tokens
+are committed (the decoder has accepted them), cyan tokens are right but not yet committed (the
+next pass commits them), yellow tokens are stationary (right, and staying so, while a token
+before them is still wrong), red tokens are wrong. Without a colour terminal (or with NO_COLOR
+set) the same is written with markers around each run of tokens: committed as is, {right},
+[stationary], ~wrong~. Timings are taken after a warm-up decode of each model.
 """
 
 import os
@@ -24,8 +26,8 @@ import torch
 import train
 from bench import timed
 from configurator import configure, run
-from data.common import load_encoding, load_records
-from jacobi import greedy_decode, jacobi_decode
+from data.common import generation_length, load_encoding, load_meta, load_records
+from jacobi import greedy_decode, jacobi_decode, stationary_tokens
 
 
 @dataclass
@@ -38,29 +40,27 @@ class SampleConfig:
     compare: bool = False             # AR and Jacobi on the same prompt
     start: str = ""                   # a prompt, or FILE:path; empty: held-out prompts
     num_samples: int = 2
-    max_new_tokens: int = 96
+    max_new_tokens: int = 0           # 0: from the data (data/common.generation_length)
     seed: int = 0                     # which held-out prompts, and the Jacobi initial guesses
     device: str = "auto"
 
 
-COLOURS = {"committed": "\033[32m", "stationary": "\033[33m", "wrong": "\033[31m"}
-MARKERS = {"committed": "{}", "stationary": "[{}]", "wrong": "~{}~"}
+COLOURS = {"committed": "\033[32m", "right": "\033[36m", "stationary": "\033[33m", "wrong": "\033[31m"}
+MARKERS = {"committed": "{}", "right": "{{{}}}", "stationary": "[{}]", "wrong": "~{}~"}
 
 
 def use_colour():
     return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
 
 
-def token_kinds(state, fixed_point, later_states):
-    """For one state of a block: 'committed', 'stationary' or 'wrong' for each token."""
+def token_kinds(state, fixed_point, committed, stationary):
+    """What each token of a state is: 'committed' (the first `committed` tokens, which the decoder
+    has accepted), 'right' (in the right prefix, not yet committed), 'stationary' (a row of
+    jacobi.stationary_tokens) or 'wrong'."""
     right = (state == fixed_point).tolist()
-    first_wrong = right.index(False) if False in right else len(right)
-    kinds = []
-    for i, ok in enumerate(right):
-        stays = all(s[i] == fixed_point[i] for s in later_states)
-        kinds.append("committed" if i < first_wrong else
-                     "stationary" if ok and stays else "wrong")
-    return kinds
+    prefix = right.index(False) if False in right else len(right)
+    return ["committed" if i < committed else "right" if i < prefix else
+            "stationary" if stationary[i] else "wrong" for i in range(len(right))]
 
 
 def show_state(enc, tokens, kinds, colour):
@@ -79,12 +79,25 @@ def show_state(enc, tokens, kinds, colour):
 
 
 def show_trajectory(enc, stats, colour):
-    """Print every state of every block: the picture of the paper's Figure 1."""
-    for k, block in enumerate(stats.trajectory):
-        print(f"block {k}: {stats.iterations[k]} forward passes for {block.states.size(1)} tokens")
-        for j, state in enumerate(block.states):
-            kinds = token_kinds(state, block.fixed_point, block.states[j + 1:])
-            print(f"  y({j}) {show_state(enc, state.tolist(), kinds, colour)}")
+    """Every block, state by state, with what the decoder had committed after each pass: the
+    picture of the paper's Figure 1, from jacobi_decode's own statistics."""
+    first_pass = 0
+    for k, (start, states, length) in enumerate(stats.passes):
+        states = torch.stack(states)[:, :length]  # y^(0), then the state after each pass
+        accepted = stats.accepted[first_pass:first_pass + len(states) - 1]
+        first_pass += len(accepted)
+        committed = [sum(accepted[:j]) for j in range(len(states))]
+        stationary = stationary_tokens(states)
+        print(f"block {k}: {len(accepted)} forward passes for {length} tokens, committing "
+              f"{' + '.join(map(str, accepted))}")
+        for j, state in enumerate(states):
+            if j and torch.equal(state, states[j - 1]):
+                print(f"  pass {j} changes nothing" + (": it confirms the fixed point and commits the "
+                      f"last {accepted[-1]}" if j == len(states) - 1 else "") + f" ({committed[j]}/{length})")
+                continue
+            kinds = token_kinds(state, states[-1], committed[j], stationary[j])
+            print(f"  y({j}) {show_state(enc, state.tolist(), kinds, colour)}"
+                  + (f"  ({committed[j]}/{length} committed)" if j else "  (the guess)"))
 
 
 def stats_line(tokens, forwards, secs):
@@ -94,8 +107,12 @@ def stats_line(tokens, forwards, secs):
 
 def prompts_to_run(cfg, dataset):
     if cfg.start.startswith("FILE:"):
-        with open(cfg.start[5:], encoding="utf-8") as f:
-            return [f.read()]
+        try:
+            with open(cfg.start[5:], encoding="utf-8") as f:
+                return [f.read()]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{cfg.start[5:]} is not UTF-8 text ({e.reason} at byte {e.start}): "
+                             "save the prompt as UTF-8") from None
     if cfg.start:
         return [cfg.start]
     records = load_records(dataset, "test")
@@ -119,16 +136,25 @@ def main(argv):
     if cfg.show and ckpt.get("kind") == "cllm" and os.path.isfile(os.path.join(target_dir, "ckpt.pt")):
         models = [("target", train.load_checkpoint(os.path.join(target_dir, "ckpt.pt"), device)[0]),
                   ("CLLM", model)]
+    n = cfg.n
+    if (cfg.jacobi or cfg.show or cfg.compare) and ckpt["config"].get("n", n) != n:
+        print(f"note: this CLLM was distilled with n={ckpt['config']['n']}; --n={ckpt['config']['n']} "
+              "decodes the way it was trained")
     colour = use_colour()
-    for text in prompts_to_run(cfg, dataset):
-        prompt = train.encode_prompt(enc, text, model, cfg.max_new_tokens, device)
+    max_new_tokens = cfg.max_new_tokens or generation_length(load_meta(dataset), model.config.block_size)
+    texts = prompts_to_run(cfg, dataset)
+    prompts = train.encode_prompts(enc, [dict(prompt=t) for t in texts], model, max_new_tokens, device)
+    for i, (text, prompt) in enumerate(zip(texts, prompts)):
+        if i == 0:
+            for _, m in models:  # warm-up: a first call pays one-time costs that timing must not see
+                greedy_decode(m, prompt, 8)
+                jacobi_decode(m, prompt, 8, n)
         print("=" * 80 + f"\n{text}", end="" if text.endswith("\n") else "\n")
         for name, m in models:
             if cfg.compare:
-                greedy_decode(m, prompt, 4)  # warm-up
-                ar, ar_secs = timed(lambda: greedy_decode(m, prompt, cfg.max_new_tokens, enc.eot_token), device)
+                ar, ar_secs = timed(lambda: greedy_decode(m, prompt, max_new_tokens, enc.eot_token), device)
                 (jt, stats), j_secs = timed(lambda: jacobi_decode(
-                    m, prompt, cfg.max_new_tokens, cfg.n, enc.eot_token, seed=cfg.seed), device)
+                    m, prompt, max_new_tokens, n, enc.eot_token, seed=cfg.seed), device)
                 print(train.decode_text(enc, ar))
                 print(f"AR:     {stats_line(len(ar), len(ar), ar_secs)}")
                 print(f"Jacobi: {stats_line(stats.tokens, stats.forwards, j_secs)}")
@@ -139,15 +165,14 @@ def main(argv):
                           f"bf16/fp16 can flip near-ties) !!!\nJacobi: {train.decode_text(enc, jt)!r}")
             elif cfg.jacobi or cfg.show:
                 (tokens, stats), secs = timed(lambda: jacobi_decode(
-                    m, prompt, cfg.max_new_tokens, cfg.n, enc.eot_token, seed=cfg.seed,
-                    return_trajectory=cfg.show), device)
+                    m, prompt, max_new_tokens, n, enc.eot_token, seed=cfg.seed), device)
                 if cfg.show:
-                    print(f"--- {name}: Jacobi decoding, n={cfg.n} ---")
+                    print(f"--- {name}: Jacobi decoding, n={n} ---")
                     show_trajectory(enc, stats, colour)
                 print(train.decode_text(enc, tokens))
                 print(stats_line(stats.tokens, stats.forwards, secs))
             else:
-                tokens, secs = timed(lambda: greedy_decode(m, prompt, cfg.max_new_tokens, enc.eot_token), device)
+                tokens, secs = timed(lambda: greedy_decode(m, prompt, max_new_tokens, enc.eot_token), device)
                 print(train.decode_text(enc, tokens))
                 print(stats_line(len(tokens), len(tokens), secs))
 

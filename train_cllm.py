@@ -5,11 +5,14 @@ gets several tokens right per forward pass while its greedy output stays the sam
 
     python train_cllm.py                           # the whole default pipeline on a CPU
     python train_cllm.py config/cllm_arith_long.py # a longer distillation
-    python train_cllm.py --init_from=resume        # continue out_dir/ckpt.pt exactly
+    python train_cllm.py --recipe=jacobi_forcing   # the successor's recipe (Hu, Kou et al. 2025)
+    python train_cllm.py --init_from=resume        # continue out_dir/last.pt exactly
 
 1. collect: the target decodes the training prompts with Jacobi; every state y^(0) .. y* of every
-   block is kept (trajectories.pt in out_dir, reused when the settings match).
-2. distil: loss = consistency + ar_weight * AR, from the target's weights.
+   block is kept (trajectories.py: out_dir/trajectories.pt, reused when the settings match).
+2. distil: loss = consistency + ar_weight * AR, from the target's weights. Read the losses and
+   distillation_loss_reference (the paper's equations, plain forwards) first; pack_row and
+   distillation_loss compute the same in one forward pass per batch.
 3. report: target vs CLLM on held-out prompts: tokens per forward, tokens/s, speedup, quality.
 
 On a fresh clone `python train_cllm.py` first prepares data/arith and trains the target
@@ -17,21 +20,26 @@ On a fresh clone `python train_cllm.py` first prepares data/arith and trains the
 """
 
 import copy
-import hashlib
 import importlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+import distributed
 import train
-from bench import environment, markdown_table, measure, quality_measure
+from bench import (QUALITY_TOLERANCE, REPEAT_LIMIT, decoders, environment, held_out_comparison,
+                   quality_problems)
 from configurator import configure, run
-from data.common import dataset_dir, load_encoding, load_meta, load_records, score
-from jacobi import block_trajectory, eos_end, initial_guess, jacobi_decode
+from data.common import (dataset_dir, generation_length, load_encoding, load_meta, load_records,
+                         longest_run, score)
+from jacobi import jacobi_decode
+from trajectories import fingerprint, load_or_collect
 
 
 @dataclass
@@ -39,22 +47,28 @@ class CLLMConfig:
     out_dir: str = "out-cllm-arith"
     target_dir: str = "out-arith"    # the target: target_dir/ckpt.pt, made by train.py
     dataset: str = "arith"
-    init_from: str = "target"        # "target" (start from its weights) or "resume"
+    init_from: Literal["target", "resume"] = "target"  # start from the target's weights, or
+                                                       # continue out_dir/last.pt
     # 1. trajectories
     n: int = 16                      # Jacobi block size
-    init: str = "prefix"             # initial guess y^(0): see jacobi.initial_guess
+    init: Literal["prefix", "repeat"] = "prefix"  # initial guess y^(0): jacobi.initial_guess
     num_prompts: int = 4000          # training prompts to collect trajectories on
-    traj_max_new_tokens: int = 96
+    traj_max_new_tokens: int = 0     # 0: from the data (data/common.generation_length)
     collect_batch: int = 64          # prompts decoded side by side
-    repeat_limit: int = 10           # drop a prompt whose output repeats a token this many times
+    repeat_limit: int = REPEAT_LIMIT  # drop a prompt whose output repeats a token this many times
     # 2. distillation
-    consistency: str = "global"      # "global": target y*; "local": target the next state
+    recipe: Literal["cllm", "jacobi_forcing"] = "cllm"  # cllm: states after a clean prefix
+                                     # (the paper); jacobi_forcing: noisy streams (noisy_streams)
+    consistency: Literal["global", "local"] = "global"  # the target: y*, or the next state
     ar_weight: float = 3.0           # loss = consistency + ar_weight * AR
-    ar_target: str = "ground_truth"  # AR labels: "ground_truth" (the dataset's answer) or
-                                     # "fixed_point" (the target's own output y*)
+    ar_target: Literal["ground_truth", "fixed_point"] = "ground_truth"  # AR labels: the
+                                     # dataset's answer, or the target's own output y*
     label_smoothing: float = 0.0
-    states_per_block: int = 3        # states sampled per block and step (the paper: 1)
+    states_per_block: int = 3        # cllm: states sampled per block and step (the paper: 1);
+                                     # jacobi_forcing: noisy streams per prompt and step
+    noise_window: int = 4            # jacobi_forcing: blocks over which the noise climbs 0 -> 1
     batch_size: int = 16             # prompts per step; each packs all of its blocks in one row
+    grad_accum: int = 1              # micro-steps per step (see distributed.py)
     max_iters: int = 1200
     learning_rate: float = 1e-3
     min_lr: float = 1e-4
@@ -64,11 +78,17 @@ class CLLMConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0
-    # evaluation
+    # evaluation and the quality guard
     eval_interval: int = 200
     eval_prompts: int = 50           # held-out (val) prompts for the periodic Jacobi evaluation
-    max_new_tokens: int = 96
+    max_loss_rise: float = QUALITY_TOLERANCE["answer_loss"]  # an evaluation is acceptable when its
+    max_quality_drop: float = QUALITY_TOLERANCE["quality"]   # val answer loss, task quality and
+    max_repeat_rise: float = QUALITY_TOLERANCE["repeated"]   # repetition are this close to the target's
+    guard_patience: int = 3          # stop after this many unacceptable evaluations in a row (0: never)
+    max_new_tokens: int = 0          # 0: from the data (data/common.generation_length)
     final_prompts: int = 500         # held-out (test) prompts for the final table
+    final_blocks: int = 0            # the table also has multi-block Jacobi over this many blocks
+    final_lookup: bool = False       # ... and prompt-lookup decoding
     log_interval: int = 25
     device: str = "auto"
     compile: bool = False
@@ -76,138 +96,7 @@ class CLLMConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. Jacobi trajectories of the target
-
-@torch.no_grad()
-def collect_trajectories(model, prompts, n, max_new_tokens, eos_id=None, init="prefix", seeds=None):
-    """Jacobi-decode many prompts side by side; return, per prompt, its [BlockTrajectory].
-
-    The same states as jacobi_decode(model, prompt, ..., seed=seeds[i], return_trajectory=True),
-    computed for a whole batch at once: every row sits at its own positions in one KV cache
-    (input_pos (B, T)), and each iteration re-runs every row's whole block, so that rows that
-    converged early keep final keys and values while the others go on.
-    """
-    device, context = next(model.parameters()).device, model.config.block_size
-    seeds = seeds if seeds is not None else [0] * len(prompts)
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
-    seqs = [p.to(device) for p in prompts]
-    budgets = [min(max_new_tokens, context - len(p)) for p in prompts]
-    trajectories = [[] for _ in prompts]
-    active = [i for i in range(len(prompts)) if budgets[i] > 0]
-    cache = model.make_cache(batch_size=len(active))
-    # prefill all but each prompt's last token, right-padded (pad slots are overwritten later)
-    width = max((len(seqs[i]) - 1 for i in active), default=0)
-    if width > 0:
-        rows = [torch.cat([seqs[i][:-1], seqs[i].new_zeros(width - len(seqs[i]) + 1)]) for i in active]
-        model(torch.stack(rows), input_pos=torch.arange(width, device=device), cache=cache)
-    while active:
-        starts = [len(seqs[i]) for i in active]
-        sizes = [min(n, len(prompts[i]) + budgets[i] - len(seqs[i])) for i in active]
-        y = torch.zeros(len(active), n, dtype=torch.long, device=device)
-        for r, i in enumerate(active):
-            y[r, :sizes[r]] = initial_guess(seqs[i], sizes[r], init, generators[i])
-        last = torch.stack([seqs[i][-1] for i in active])
-        # inputs: the last final token, then the guesses; a row's padding sits at later positions
-        pos = torch.stack([torch.arange(s - 1, s - 1 + n) for s in starts]).clamp(max=context - 1)
-        valid = torch.arange(n)[None, :] < torch.tensor(sizes)[:, None]  # (A, n)
-        valid, pos = valid.to(device), pos.to(device)
-        states = [[y[r, :sizes[r]].clone()] for r in range(len(active))]
-        converged = torch.zeros(len(active), dtype=torch.bool, device=device)
-        for _ in range(n + 1):  # n passes to converge at the latest, one more to see it
-            x = torch.cat([last[:, None], y[:, :-1]], dim=1)  # (A, n)
-            logits, _ = model(x, input_pos=pos, cache=cache)
-            y_next = logits.argmax(-1)  # (A, n): the Jacobi update of every row at once
-            changed = ((y_next != y) & valid).any(1) & ~converged
-            converged |= ~changed
-            y = torch.where(changed[:, None], y_next, y)
-            for r in changed.nonzero().flatten().tolist():
-                states[r].append(y[r, :sizes[r]].clone())
-            if converged.all():
-                break
-        assert converged.all(), "a Jacobi block did not converge in n iterations"
-        keep = []
-        for r, i in enumerate(active):
-            fixed = y[r, :sizes[r]]
-            end = eos_end(fixed, eos_id)
-            trajectories[i].append(block_trajectory(seqs[i], states[r], end or sizes[r]))
-            seqs[i] = torch.cat([seqs[i], fixed[:end]])
-            if not end and len(seqs[i]) < len(prompts[i]) + budgets[i]:
-                keep.append(r)
-        active = [active[r] for r in keep]
-        if len(keep) < len(converged):
-            cache.keep_rows(torch.tensor(keep, dtype=torch.long, device=device))
-    return trajectories
-
-
-def fingerprint(*parts):
-    """A short hash of tensors and files: which target and tokenizer a trajectory file came from."""
-    h = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, dict):  # a state dict
-            for k in sorted(part):
-                h.update(k.encode())
-                h.update(part[k].detach().cpu().contiguous().numpy().tobytes())
-        else:
-            with open(part, "rb") as f:
-                h.update(f.read())
-    return h.hexdigest()[:16]
-
-
-def longest_run(tokens):
-    """Length of the longest run of one token repeated."""
-    best = run_len = 1 if len(tokens) else 0
-    for a, b in zip(tokens, tokens[1:]):
-        run_len = run_len + 1 if a == b else 1
-        best = max(best, run_len)
-    return best
-
-
-def load_or_collect(cfg, target, target_id, enc):
-    """The trajectories of the target on the first num_prompts training prompts, from
-    out_dir/trajectories.pt when it matches the current target, tokenizer and settings."""
-    path = os.path.join(cfg.out_dir, "trajectories.pt")
-    meta = dict(target=target_id, dataset=cfg.dataset,
-                tokenizer=fingerprint(os.path.join(dataset_dir(cfg.dataset), "tokenizer.tiktoken")),
-                n=cfg.n, init=cfg.init, num_prompts=cfg.num_prompts,
-                max_new_tokens=cfg.traj_max_new_tokens, repeat_limit=cfg.repeat_limit, seed=cfg.seed)
-    if os.path.isfile(path):
-        data = torch.load(path, weights_only=False)
-        diff = {k: (data["meta"].get(k), v) for k, v in meta.items() if data["meta"].get(k) != v}
-        if diff:
-            raise ValueError(f"{path} does not match this run (setting: (file, now)): {diff}. "
-                             f"Delete it to collect again, or use another --out_dir")
-        print(f"reusing {path}: {data['stats']}")
-        return data["prompts"]
-    records = load_records(cfg.dataset, "train")[:cfg.num_prompts]
-    print(f"collecting Jacobi trajectories of the target on {len(records)} training prompts "
-          f"(n={cfg.n}, batches of {cfg.collect_batch})")
-    t0, prompts, dropped, n_records = time.time(), [], 0, 0
-    for start in range(0, len(records), cfg.collect_batch):
-        batch = records[start:start + cfg.collect_batch]
-        ids = [train.encode_prompt(enc, r["prompt"], target, cfg.traj_max_new_tokens, "cpu") for r in batch]
-        trajs = collect_trajectories(target, ids, cfg.n, cfg.traj_max_new_tokens, enc.eot_token,
-                                     cfg.init, seeds=[cfg.seed + start + i for i in range(len(batch))])
-        for r, prompt, blocks in zip(batch, ids, trajs):
-            output = torch.cat([b.fixed_point for b in blocks]).tolist() if blocks else []
-            if longest_run(output) >= cfg.repeat_limit:
-                dropped += 1  # degenerate: a run of one token, which teaches collapse
-                continue
-            answer = enc.encode_ordinary(r["answer"]) + [enc.eot_token]
-            prompts.append(dict(prompt=prompt, answer=torch.tensor(answer),
-                                states=[b.states.to(torch.int32).cpu() for b in blocks]))
-            n_records += len(blocks)
-        done, secs = start + len(batch), time.time() - t0
-        print(f"collect: prompts {done}/{len(records)}, {n_records} records, "
-              f"{n_records / secs:.0f} records/s, eta {(len(records) - done) * secs / done / 60:.1f} min")
-    stats = dict(prompts=len(prompts), records=n_records, dropped_prompts=dropped,
-                 seconds=round(time.time() - t0, 1), records_per_s=round(n_records / (time.time() - t0), 1))
-    print(f"collected {stats}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    train.save_checkpoint(path, dict(meta=meta, stats=stats, prompts=prompts))
-    return prompts
-
-
-# ----------------------------------------------------------------------------------------------
+# 1. the trajectories: trajectories.py (load_or_collect)
 # 2. the losses
 
 def consistency_loss(student_logits, teacher_logits):
@@ -234,70 +123,127 @@ def ar_loss(logits, targets, label_smoothing=0.0):
 
 
 def consistency_target(states, j, kind):
-    """The state the model should map state j to: the fixed point (global) or the next (local)."""
+    """The state the model should map state j to: the fixed point (global) or the next (local;
+    the fixed point maps to itself)."""
     if kind == "global":
         return len(states) - 1
     if kind == "local":
-        return j + 1
+        return min(j + 1, len(states) - 1)
     raise ValueError(f"consistency must be 'global' or 'local', got {kind!r}")
 
 
 def consistency_mask(state, target):
     """(b - 1,) which logits of a block count: the logit at token i predicts token i + 1 from
     inputs y_0 .. y_i; up to the first token where state and target differ the inputs are the
-    same, so those positions are masked (the authors' mask). Padding never enters a block."""
+    same, so those positions are masked. (The authors' code keeps one more position, the logit
+    that predicts the first differing token: its inputs are still the same and its KL is 0, so it
+    only adds to the count the mean divides by.) Padding never enters a block."""
     differ = (state[:-1] != target[:-1]).long()
     first = int(differ.argmax()) if differ.any() else len(differ)
     return torch.arange(len(differ)) >= first
 
 
-# ----------------------------------------------------------------------------------------------
-# packing: one training row holds a prompt's AR term and the consistency terms of all its blocks
+def consistency_pair(record, choice, kind):
+    """(prefix, y, yhat) for one choice (k, js) of a record: y holds state js[0] of block k, state
+    js[1] of block k + 1, ..; yhat the states they should map to (consistency_target); both
+    continue prefix = prompt + y*_1 .. y*_{k-1}. The CLLM recipe picks one block (js = [j]),
+    Jacobi Forcing a state of every block (k = 0): a noisy stream."""
+    k, js = choice
+    states = record["states"]
+    prefix = torch.cat([record["prompt"], *(s[-1] for s in states[:k])]).long()
+    y = torch.cat([states[k + i][j] for i, j in enumerate(js)]).long()
+    yhat = torch.cat([states[k + i][consistency_target(states[k + i], j, kind)]
+                      for i, j in enumerate(js)]).long()
+    return prefix, y, yhat
 
-def pack_row(prompt, states, choices, answer, cfg, context):
-    """One training row: [prompt, y*_1 .. y*_K | ground truth | y_1 .. y_K | local targets].
 
-    The first segment is the prompt and the fixed points of all K blocks, causal: its logits give
-    the AR term and the global consistency targets. Each other segment holds one sequence that
-    continues a prefix of the first one (a sampled state y_k continues prompt + y*_<k), with the
-    positions it would have in its own sequence and a mask that lets it see that prefix and itself
-    causally. So one forward pass does the work of 1 + K separate ones (tests/test_cllm.py checks
-    that they agree). choices[k]: the indices of the sampled states of block k (none for a block
-    whose first guess was already its fixed point).
+def ar_labels(record, ar_target, context):
+    """The AR labels l after the prompt: the dataset's answer (cut to the context) or y*."""
+    if ar_target == "ground_truth":
+        return record["answer"][:context - len(record["prompt"])].long()
+    return torch.cat([s[-1] for s in record["states"]]).long()
 
-    Returns tokens (T,), positions (T,), attention mask (T, T), AR labels (T,), and the columns
-    of the consistency pairs: student (C,), teacher (C,).
+
+def distillation_loss_reference(model, records, choices, cfg):
+    """The loss of a batch, the paper's equations with one plain forward per sequence:
+
+        loss = L_consistency + ar_weight * L_AR
+
+    Each term is a mean over all its positions in the batch. Slow and obviously right: the
+    packed distillation_loss below computes the same numbers in one forward, and
+    tests/test_cllm.py checks that the two agree, loss and gradients.
     """
+    context = model.config.block_size
+    students, teachers, ar_logits, ar_targets = [], [], [], []
+    for record, picks in zip(records, choices):
+        prompt, labels = record["prompt"].long(), ar_labels(record, cfg.ar_target, context)
+        logits, _ = model(torch.cat([prompt, labels[:-1]])[None])   # q_theta(. | x, l_<i)
+        ar_logits.append(logits[0, len(prompt) - 1:])
+        ar_targets.append(labels)
+        for choice in picks:
+            prefix, y, yhat = consistency_pair(record, choice, cfg.consistency)
+            cols = len(prefix) + consistency_mask(y, yhat).nonzero().flatten()
+            logits, _ = model(torch.cat([prefix, y])[None])          # q_theta(. | x, y_<i)
+            students.append(logits[0, cols])
+            with torch.no_grad():
+                logits, _ = model(torch.cat([prefix, yhat])[None])   # q_theta-(. | x, yhat_<i)
+            teachers.append(logits[0, cols])
+    V = model.config.vocab_size
+    l_c = consistency_loss(torch.cat([torch.zeros(0, V), *students]),   # L_GC (or L_LC)
+                           torch.cat([torch.zeros(0, V), *teachers]))
+    l_ar = ar_loss(torch.cat(ar_logits), torch.cat(ar_targets), cfg.label_smoothing)  # L_AR
+    return l_c + cfg.ar_weight * l_ar, l_c, l_ar
+
+
+# ----------------------------------------------------------------------------------------------
+# packing: the same loss in one forward pass per batch
+
+class PackedRow(NamedTuple):
+    tokens: torch.Tensor     # (T,)
+    positions: torch.Tensor  # (T,) the position each token has in its own sequence
+    attn: torch.Tensor       # (T, T) bool, True where a query may attend to a key
+    labels: torch.Tensor     # (T,) AR labels, -1 where none
+    student: torch.Tensor    # (C,) columns whose logits are the students of the consistency loss
+    teacher: torch.Tensor    # (C,) and the columns of their teachers
+
+
+def pack_row(record, picks, cfg, context):
+    """One training row holding every sequence distillation_loss_reference runs for a record:
+
+        [prompt y*_1 .. y*_K] [ground truth] [y of choice 1] [yhat of choice 1, if local] [..]
+
+    Every segment after the first continues a prefix of the first: it sits at the positions it
+    would have in its own sequence and sees that prefix and itself causally, nothing else, so its
+    logits are those of a separate forward of prefix + segment. The first segment gives the AR
+    term when the labels are y*, and the global teachers (y*_k sits in it); the ground-truth
+    segment gives the AR term on the dataset's answer. One forward replaces 2 + 2 * choices.
+    """
+    prompt = record["prompt"].long()
     P = len(prompt)
-    fixed = [s[-1].long() for s in states]
-    main = torch.cat([prompt.long(), *fixed])  # prompt + y*_1 .. y*_K
-    starts = [P + sum(len(f) for f in fixed[:k]) for k in range(len(fixed))]  # block k's position
+    main = torch.cat([prompt, *(s[-1] for s in record["states"])]).long()  # prompt y*_1 .. y*_K
     segments = [(main, 0, 0)]  # (tokens, position of the first, how many first columns it sees)
-    labels = [torch.full((len(main),), -1, dtype=torch.long)]
+    labels = [torch.full((len(main),), -1)]
     if cfg.ar_target == "fixed_point":
         labels[0][P - 1:-1] = main[P:]
-    elif cfg.ar_target == "ground_truth":
-        gt = answer[:context - P].long()
+    else:
+        gt = ar_labels(record, cfg.ar_target, context)
         labels[0][P - 1] = gt[0]
         segments.append((gt, P, P))
         labels.append(torch.cat([gt[1:], torch.tensor([-1])]))
-    else:
-        raise ValueError(f"ar_target must be 'fixed_point' or 'ground_truth', got {cfg.ar_target!r}")
-    pairs = []  # (student segment, teacher segment, teacher's first column offset, columns)
-    for k, j in ((k, j) for k, picks in enumerate(choices) for j in picks):
-        s = states[k]
-        t = consistency_target(s, j, cfg.consistency)
-        segments.append((s[j].long(), starts[k], starts[k]))
-        labels.append(torch.full((len(s[j]),), -1, dtype=torch.long))
+    pairs = []  # (student segment, teacher segment, teacher's first column in it, columns)
+    for choice in picks:
+        prefix, y, yhat = consistency_pair(record, choice, cfg.consistency)
+        start = len(prefix)
+        segments.append((y, start, start))
+        labels.append(torch.full((len(y),), -1))
         student = len(segments) - 1
-        if t == len(s) - 1:
-            teacher, offset = 0, starts[k]  # y*_k is already in the first segment
+        if torch.equal(yhat, main[start:start + len(yhat)]):
+            teacher, offset = 0, start  # the fixed points, already in the first segment
         else:
-            segments.append((s[t].long(), starts[k], starts[k]))
-            labels.append(torch.full((len(s[t]),), -1, dtype=torch.long))
+            segments.append((yhat, start, start))
+            labels.append(torch.full((len(yhat),), -1))
             teacher, offset = len(segments) - 1, 0
-        cols = torch.arange(len(s[j]) - 1)[consistency_mask(s[j], s[t])]
-        pairs.append((student, teacher, offset, cols))
+        pairs.append((student, teacher, offset, consistency_mask(y, yhat).nonzero().flatten()))
     first_col = [0]
     for seg, _, _ in segments:
         first_col.append(first_col[-1] + len(seg))
@@ -306,76 +252,120 @@ def pack_row(prompt, states, choices, answer, cfg, context):
     for (seg, _, sees), c in zip(segments, first_col):
         attn[c:c + len(seg), :sees] = True
         attn[c:c + len(seg), c:c + len(seg)] = torch.ones(len(seg), len(seg), dtype=torch.bool).tril()
-    student_cols = [first_col[st] + cols for st, _, _, cols in pairs]
-    teacher_cols = [first_col[te] + off + cols for _, te, off, cols in pairs]
     empty = torch.zeros(0, dtype=torch.long)
-    return (torch.cat([seg for seg, _, _ in segments]),
-            torch.cat([torch.arange(p, p + len(seg)) for seg, p, _ in segments]),
-            attn, torch.cat(labels),
-            torch.cat(student_cols) if pairs else empty, torch.cat(teacher_cols) if pairs else empty)
+    return PackedRow(torch.cat([seg for seg, _, _ in segments]),
+                     torch.cat([torch.arange(p, p + len(seg)) for seg, p, _ in segments]),
+                     attn, torch.cat(labels),
+                     torch.cat([empty] + [first_col[st] + cols for st, _, _, cols in pairs]),
+                     torch.cat([empty] + [first_col[te] + off + cols for _, te, off, cols in pairs]))
 
 
 def collate(rows, device):
     """Pad packed rows to one batch. Padding attends only to itself (a query that sees nothing
     would make softmax NaN) and has no label. Consistency columns become flat (row, column) pairs."""
-    B, T = len(rows), max(len(r[0]) for r in rows)
+    B, T = len(rows), max(len(r.tokens) for r in rows)
     tokens = torch.zeros(B, T, dtype=torch.long)
     positions = torch.zeros(B, T, dtype=torch.long)
     attn = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1)
     labels = torch.full((B, T), -1, dtype=torch.long)
     student, teacher = [], []
-    for b, (tok, pos, mask, lab, s_cols, t_cols) in enumerate(rows):
-        L = len(tok)
-        tokens[b, :L], positions[b, :L], attn[b, :L, :L], labels[b, :L] = tok, pos, mask, lab
-        student.append(torch.stack([torch.full_like(s_cols, b), s_cols], 1))
-        teacher.append(torch.stack([torch.full_like(t_cols, b), t_cols], 1))
+    for b, r in enumerate(rows):
+        L = len(r.tokens)
+        tokens[b, :L], positions[b, :L], attn[b, :L, :L], labels[b, :L] = r.tokens, r.positions, r.attn, r.labels
+        student.append(torch.stack([torch.full_like(r.student, b), r.student], 1))
+        teacher.append(torch.stack([torch.full_like(r.teacher, b), r.teacher], 1))
     student, teacher = torch.cat(student), torch.cat(teacher)
     return [t.to(device) for t in (tokens, positions, attn, labels, student, teacher)]
 
 
-def sample_choices(prompts_batch, k, generator):
-    """For every block, k distinct non-fixed-point states drawn uniformly (fewer if it has fewer).
-    The paper draws one; more per block put more of each packed row to use."""
-    return [[torch.randperm(len(s) - 1, generator=generator)[:k].tolist() for s in p["states"]]
-            for p in prompts_batch]
+def distillation_loss(model, batch, cfg, shares=(1.0, 1.0)):
+    """(total, consistency, AR) for one packed batch: consistency + ar_weight * AR.
 
-
-def distillation_loss(model, batch, cfg):
-    """(total, consistency, AR) for one packed batch: consistency + ar_weight * AR."""
+    shares: the batch's share of the consistency positions and of the AR labels of the whole step
+    when it is one part of it (a micro-step, or one process's part): the two means are weighted by
+    them, so that the parts' losses add up to the loss of the whole batch."""
     tokens, positions, attn, labels, student, teacher = batch
     logits, _ = model(tokens, input_pos=positions, attn_mask=attn)  # (B, T, V)
     l_c = consistency_loss(logits[student[:, 0], student[:, 1]], logits[teacher[:, 0], teacher[:, 1]])
-    l_ar = ar_loss(logits, labels, cfg.label_smoothing)
+    l_ar = ar_loss(logits, labels, cfg.label_smoothing) if (labels != -1).any() else logits.sum() * 0.0
+    l_c, l_ar = shares[0] * l_c, shares[1] * l_ar
     return l_c + cfg.ar_weight * l_ar, l_c, l_ar
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. evaluation and the before/after table
+# which states a step trains on: the two recipes
+
+def sample_choices(record, k, generator):
+    """The CLLM recipe: for every block, k distinct non-fixed-point states drawn uniformly (fewer
+    if it has fewer), each seen after the clean prefix prompt + y*_<k. The paper draws one; more
+    per block put more of each packed row to use."""
+    return [(b, [j]) for b, s in enumerate(record["states"])
+            for j in torch.randperm(len(s) - 1, generator=generator)[:k].tolist()]
+
+
+def noise_ratio(state, fixed):
+    """Jacobi Forcing's noise of a state: the share of its block from the first wrong token on."""
+    wrong = (state != fixed).nonzero()
+    return (len(state) - int(wrong[0])) / len(state) if len(wrong) else 0.0
+
+
+def noisy_streams(record, k, window, generator):
+    """The Jacobi Forcing recipe: k noisy streams, each a state of every block, seen after the
+    prompt and the earlier *noisy* blocks. Progressive noise: block j aims at the noise ratio
+    t = schedule[(phase + j) mod window], schedule = linspace(0, 1, window), and takes the state
+    whose noise_ratio is nearest t. The phase is drawn per stream: Jacobi Forcing's answers have
+    ~32 blocks and a fixed phase, ours ~3, which would always train the first block clean."""
+    if not record["states"]:
+        return []
+    schedule = torch.linspace(0, 1, window).tolist()
+    streams = []
+    for _ in range(k):
+        phase = int(torch.randint(window, (1,), generator=generator))
+        js = []
+        for b, s in enumerate(record["states"]):
+            t = schedule[(phase + b) % window]
+            noise = [abs(noise_ratio(state, s[-1]) - t) for state in s]
+            js.append(noise.index(min(noise)))
+        streams.append((0, js))
+    return streams
+
+
+def choose_states(records, cfg, generator):
+    """For each record, the choices (k, js) that one step trains on (see consistency_pair)."""
+    if cfg.recipe == "cllm":
+        return [sample_choices(r, cfg.states_per_block, generator) for r in records]
+    return [noisy_streams(r, cfg.states_per_block, cfg.noise_window, generator) for r in records]
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. evaluation, and the guard that keeps a speedup from being bought with quality
 
 @torch.no_grad()
-def evaluate_jacobi(model, enc, records, cfg, metric, device):
-    """Jacobi-decode held-out prompts: tokens per forward, quality, share of repetitive outputs."""
+def evaluate(model, enc, prompts, records, cfg, metric, max_new_tokens, device):
+    """Jacobi-decode held-out prompts: tokens per forward, the task's quality (None where there is
+    none), the share of outputs that repeat one token, and the answer loss (every dataset has it)."""
     model.eval()
     tokens = forwards = repeated = 0
     scores = []
-    for r in records:
-        prompt = train.encode_prompt(enc, r["prompt"], model, cfg.max_new_tokens, device)
-        out, stats = jacobi_decode(model, prompt, cfg.max_new_tokens, cfg.n, enc.eot_token, cfg.init)
+    for p, r in zip(prompts, records):
+        out, stats = jacobi_decode(model, p, max_new_tokens, cfg.n, enc.eot_token, cfg.init)
         tokens, forwards = tokens + stats.tokens, forwards + stats.forwards
         repeated += longest_run(out.tolist()) >= cfg.repeat_limit
         scores.append(score(metric, r, train.decode_text(enc, out)))
-    quality = sum(scores) / len(scores) if scores and scores[0] is not None else None
-    return dict(tokens_per_forward=tokens / max(forwards, 1), quality=quality,
-                repeated=repeated / max(len(records), 1))
+    return dict(tokens_per_forward=tokens / max(forwards, 1), repeated=repeated / max(len(records), 1),
+                quality=sum(scores) / len(scores) if scores and scores[0] is not None else None,
+                answer_loss=train.answer_loss(model, enc, records, max_new_tokens, device))
 
 
-def final_report(target, cllm, enc, records, metric, cfg, device):
-    """Target vs CLLM on held-out prompts, AR and Jacobi interleaved per prompt (bench.py)."""
-    prompts = [train.encode_prompt(enc, r["prompt"], target, cfg.max_new_tokens, device) for r in records]
-    results = measure({"target": target, "CLLM": cllm}, prompts, [cfg.n], cfg.max_new_tokens,
-                      enc.eot_token, warmup=2, quality=quality_measure(enc, records, metric, device))
-    name = {"accuracy": "accuracy", "parse": "parse rate"}.get(metric, "quality")
-    return results, markdown_table(results, name)
+def guard(curve, tolerance, patience):
+    """Read the curve of evaluations (curve[0]: the target itself). A point is acceptable when its
+    quality is within the tolerance of the target's (bench.quality_problems). Returns (the index
+    of the best acceptable point: most tokens/forward, the problems of the last point, whether the
+    last `patience` points were all unacceptable: a collapse, time to stop)."""
+    problems = [quality_problems(point, curve[0], tolerance) for point in curve]
+    best = max((i for i, p in enumerate(problems) if not p), key=lambda i: curve[i]["tokens_per_forward"])
+    bad_run = len(problems) - max(i for i, p in enumerate(problems) if not p) - 1
+    return best, problems[-1], patience > 0 and bad_run >= patience
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,33 +388,43 @@ def ensure_target(cfg):
 
 def main(argv):
     cfg = configure(CLLMConfig(), argv)
-    for key, allowed in (("consistency", ("global", "local")), ("init_from", ("target", "resume")),
-                         ("ar_target", ("fixed_point", "ground_truth")), ("init", ("prefix", "repeat"))):
-        if getattr(cfg, key) not in allowed:
-            raise ValueError(f"{key} must be one of {allowed}, got {getattr(cfg, key)!r}")
     device, ctx = train.setup_device(cfg.device)
-    ensure_target(cfg)
+    world, device = distributed.init(device)  # ddp
+    say = print if world.master else lambda *a, **k: None
+    per_process = cfg.batch_size // (world.size * cfg.grad_accum)
+    if per_process * world.size * cfg.grad_accum != cfg.batch_size:
+        raise ValueError(f"batch_size {cfg.batch_size} does not divide into {world.size} processes x "
+                         f"{cfg.grad_accum} micro-steps: make it a multiple of {world.size * cfg.grad_accum}")
+    train.refuse_to_overwrite(cfg.out_dir, cfg.init_from)
+    if world.master:
+        ensure_target(cfg)
+    distributed.barrier(world)
     meta, enc = load_meta(cfg.dataset), load_encoding(cfg.dataset)
     target, target_ckpt = train.load_checkpoint(os.path.join(cfg.target_dir, "ckpt.pt"), device)
     if target_ckpt.get("dataset") not in (None, cfg.dataset):
         raise ValueError(f"the target in {cfg.target_dir} was trained on {target_ckpt['dataset']!r}, "
                          f"not {cfg.dataset!r}: set --dataset or --target_dir")
-    torch.manual_seed(cfg.seed)
+    context = target.config.block_size
+    cfg = replace(cfg, max_new_tokens=cfg.max_new_tokens or generation_length(meta, context),
+                  traj_max_new_tokens=cfg.traj_max_new_tokens or generation_length(meta, context))
+    max_new_tokens = cfg.max_new_tokens
+    torch.manual_seed(cfg.seed + world.rank)
     target_id = fingerprint(target.state_dict())  # which target the trajectories and CLLM come from
-    prompts = load_or_collect(cfg, target, target_id, enc)
+    prompts = load_or_collect(cfg, target, target_id, enc, world)
     if not prompts:
         raise ValueError("no usable trajectories (every prompt was dropped as repetitive)")
 
-    # 2. distil, from the target's weights or from a checkpoint of this script
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    batch_gen = torch.Generator().manual_seed(cfg.seed)
-    iter_num, curve, train_secs = 0, [], 0.0
+    # 2. distil, from the target's weights or from last.pt of this script
+    last_path, best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "ckpt.pt")
+    batch_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every process
+    iter_num, curve, train_secs, stopped = 0, [], 0.0, None
     if cfg.init_from == "resume":
-        model, checkpoint = train.load_checkpoint(ckpt_path, device)
+        model, checkpoint = train.load_checkpoint(last_path, device)
         train.note_changed_settings(checkpoint["config"], cfg)
         iter_num, curve, train_secs = checkpoint["iter_num"], checkpoint["curve"], checkpoint["train_secs"]
         batch_gen.set_state(checkpoint["batch_rng"])
-        torch.set_rng_state(checkpoint["torch_rng"])
+        rng = checkpoint["torch_rng"]
+        torch.set_rng_state(rng[world.rank] if len(rng) == world.size else rng[0])
     else:
         model = copy.deepcopy(target)  # the CLLM starts from the target's weights
     model.train()
@@ -432,78 +432,121 @@ def main(argv):
                                            (cfg.beta1, cfg.beta2), device.type)
     if cfg.init_from == "resume":
         optimizer.load_state_dict(checkpoint["optimizer"])
-    train_model = torch.compile(model) if cfg.compile else model
-    eval_records = load_records(cfg.dataset, "val")[:cfg.eval_prompts]
-    print(f"distilling {model.num_params() / 1e6:.2f}M parameters on {len(prompts)} prompts "
-          f"({sum(len(p['states']) for p in prompts)} blocks), {cfg.consistency} consistency + "
-          f"{cfg.ar_weight} * AR ({cfg.ar_target}), from iter {iter_num} to {cfg.max_iters}")
+    train_model = distributed.wrap(torch.compile(model) if cfg.compile else model, world, device)
+    tolerance = dict(answer_loss=cfg.max_loss_rise, quality=cfg.max_quality_drop,
+                     repeated=cfg.max_repeat_rise)
+    eval_records = load_records(cfg.dataset, "val")[:cfg.eval_prompts] if world.master else []
+    eval_prompts = train.encode_prompts(enc, eval_records, model, max_new_tokens, device, "val prompts")
+    say(f"distilling {model.num_params() / 1e6:.2f}M parameters on {len(prompts)} prompts "
+        f"({sum(len(p['states']) for p in prompts)} blocks): {cfg.recipe} recipe, {cfg.consistency} "
+        f"consistency + {cfg.ar_weight} * AR ({cfg.ar_target}), from iter {iter_num} to {cfg.max_iters}")
 
     def evaluate_and_save():
-        t = time.time()
-        e = evaluate_jacobi(model, enc, eval_records, cfg, meta["metric"], device)
-        curve.append(dict(iter=iter_num, train_minutes=round(train_secs / 60, 2), **e))
-        q = f"{meta['metric']} {e['quality']:.3f}, " if e["quality"] is not None else ""
-        print(f"eval iter {iter_num}: tokens/forward {e['tokens_per_forward']:.2f}, {q}"
-              f"repetitive {e['repeated']:.0%} on {len(eval_records)} val prompts "
-              f"({time.time() - t:.1f}s)")
-        base = curve[0]
-        if e["quality"] is not None and base["quality"] is not None and e["quality"] < base["quality"] - 0.1:
-            print(f"WARNING: quality fell from {base['quality']:.3f} to {e['quality']:.3f}. An early dip "
-                  "usually recovers as the learning rate decays; if it keeps falling, it is a "
-                  "collapse: raise ar_weight or lower learning_rate")
-        if e["repeated"] > base["repeated"] + 0.1:
-            print(f"WARNING: {e['repeated']:.0%} of the outputs repeat one token {cfg.repeat_limit}+ "
-                  "times: a collapse into repetition? Raise ar_weight or lower learning_rate")
-        if iter_num > 0:
-            train.save_checkpoint(ckpt_path, dict(
-                model=model.state_dict(), model_args=asdict(model.config),
-                optimizer=optimizer.state_dict(), iter_num=iter_num, config=asdict(cfg),
-                dataset=cfg.dataset, batch_rng=batch_gen.get_state(), torch_rng=torch.get_rng_state(),
-                curve=curve, train_secs=train_secs, kind="cllm",
-                target=target_id))
+        """Evaluate on the val prompts; last.pt always, ckpt.pt when the guard has a new best."""
+        nonlocal stopped
+        rng = distributed.all_gather(torch.get_rng_state(), world)  # ddp: every process's
+        if world.master:
+            t = time.time()
+            e = evaluate(model, enc, eval_prompts, eval_records, cfg, meta["metric"], max_new_tokens, device)
+            curve.append(dict(iter=iter_num, train_minutes=round(train_secs / 60, 2), **e))
+            best, problems, stop = guard(curve, tolerance, cfg.guard_patience)
+            q = f"{meta['metric']} {e['quality']:.3f}, " if e["quality"] is not None else ""
+            print(f"eval iter {iter_num}: tokens/forward {e['tokens_per_forward']:.2f}, {q}answer loss "
+                  f"{e['answer_loss']:.4f}, repetitive {e['repeated']:.0%} on {len(eval_records)} val "
+                  f"prompts ({time.time() - t:.1f}s): "
+                  + (f"outside the quality tolerance ({'; '.join(problems)})" if problems else
+                     "the best so far within the quality tolerance: ckpt.pt" if best == len(curve) - 1
+                     else f"acceptable; the best stays iteration {curve[best]['iter']}"))
+            state = dict(model=model.state_dict(), model_args=asdict(model.config), iter_num=iter_num,
+                         config=asdict(cfg), dataset=cfg.dataset, kind="cllm", target=target_id,
+                         curve=curve)
+            if iter_num > 0:
+                train.save_checkpoint(last_path, dict(
+                    state, optimizer=optimizer.state_dict(), train_secs=train_secs,
+                    batch_rng=batch_gen.get_state(), torch_rng=rng))
+            if best == len(curve) - 1:
+                train.save_checkpoint(best_path, state)
+            if stop:
+                stopped = (f"stopped at iteration {iter_num}: the last {cfg.guard_patience} evaluations "
+                           "were all outside the quality tolerance, a collapse; raise ar_weight or lower "
+                           "learning_rate")
+                print(stopped)
+        stopped = distributed.all_gather(stopped, world)[0]  # ddp: rank 0 decides
 
     t0, last_log = time.time(), iter_num
-    while iter_num < cfg.max_iters:
+    while iter_num < cfg.max_iters and not stopped:
         if iter_num % cfg.eval_interval == 0 and not (curve and curve[-1]["iter"] == iter_num):
             evaluate_and_save()
             t0, last_log = time.time(), iter_num
-        lr = train.get_lr(iter_num, cfg)
+            if stopped:
+                break
+        lr = train.get_lr(iter_num, cfg, cfg.max_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()  # (evaluation leaves it in eval mode)
         step_start = time.time()
         idx = torch.randint(len(prompts), (cfg.batch_size,), generator=batch_gen).tolist()
         picked = [prompts[i] for i in idx]
-        rows = [pack_row(p["prompt"], p["states"], c, p["answer"], cfg, model.config.block_size)
-                for p, c in zip(picked, sample_choices(picked, cfg.states_per_block, batch_gen))]
-        with ctx:
-            loss, l_c, l_ar = distillation_loss(train_model, collate(rows, device), cfg)
-        train.optimizer_step(model, optimizer, loss, cfg.grad_clip)
+        choices = choose_states(picked, cfg, batch_gen)  # drawn for the whole batch by every process
+        mine = distributed.my_share(list(zip(picked, choices)), world, per_process * cfg.grad_accum)
+        rows = [pack_row(r, c, cfg, context) for r, c in mine]
+        counts = distributed.all_sum([sum(len(r.student) for r in rows),  # ddp: the whole batch's
+                                      sum(int((r.labels != -1).sum()) for r in rows)], world)
+        terms = torch.zeros(2)
+        for micro in range(cfg.grad_accum):
+            part = rows[micro * per_process:(micro + 1) * per_process]
+            shares = (sum(len(r.student) for r in part) / max(counts[0], 1),
+                      sum(int((r.labels != -1).sum()) for r in part) / max(counts[1], 1))
+            last_micro = micro == cfg.grad_accum - 1  # ddp: average the gradients only then
+            with ctx, (train_model.no_sync() if world.size > 1 and not last_micro else nullcontext()):
+                loss, l_c, l_ar = distillation_loss(train_model, collate(part, device), cfg, shares)
+                (loss * world.size).backward()  # DDP averages over the processes; the shares sum
+            terms += torch.stack([l_c.detach().float().cpu(), l_ar.detach().float().cpu()])
+        train.optimizer_step(model, optimizer, cfg.grad_clip)
         train_secs += time.time() - step_start
         iter_num += 1
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+            l_c, l_ar = distributed.all_sum(terms.tolist(), world)  # ddp: the whole batch's means
             dt = (time.time() - t0) / (iter_num - last_log)
             t0, last_log = time.time(), iter_num
-            print(f"iter {iter_num}: loss {loss.item():.4f} (consistency {l_c.item():.4f}, "
-                  f"ar {l_ar.item():.4f}), lr {lr:.2e}, time {dt * 1000:.0f}ms, "
-                  f"eta {(cfg.max_iters - iter_num) * dt / 60:.1f} min")
-    if not (curve and curve[-1]["iter"] == iter_num):
+            say(f"iter {iter_num}: loss {l_c + cfg.ar_weight * l_ar:.4f} (consistency {l_c:.4f}, "
+                f"ar {l_ar:.4f}), lr {lr:.2e}, time {dt * 1000:.0f}ms, "
+                f"eta {(cfg.max_iters - iter_num) * dt / 60:.1f} min")
+    if not stopped and not (curve and curve[-1]["iter"] == iter_num):
         evaluate_and_save()
-
-    # 3. the table
-    test_records = load_records(cfg.dataset, "test")[:cfg.final_prompts]
     results = {}
+    if world.master:
+        results = report(cfg, target, enc, meta, curve, stopped, tolerance, max_new_tokens, device)
+    distributed.finish(world)
+    return results
+
+
+def report(cfg, target, enc, meta, curve, stopped, tolerance, max_new_tokens, device):
+    """3. The held-out table, with the model the guard chose (ckpt.pt), and results.json."""
+    model, chosen = train.load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
+    best = next(c for c in curve if c["iter"] == chosen["iter_num"])
+    print(f"\nthe CLLM is ckpt.pt, iteration {chosen['iter_num']}: the most tokens/forward on the val "
+          f"prompts ({best['tokens_per_forward']:.2f}) of the evaluations within the quality tolerance"
+          + (" -- none of the distilled ones was: no acceptable CLLM was found, this is the target "
+             "itself" if chosen["iter_num"] == 0 else "") + (f"; {stopped}" if stopped else ""))
+    test_records = load_records(cfg.dataset, "test")[:cfg.final_prompts]
+    results, text = {}, ""
     if test_records:
-        print(f"\nheld-out comparison on {len(test_records)} test prompts "
+        print(f"held-out comparison on {len(test_records)} test prompts "
               f"({environment(device)['device']}, {torch.get_num_threads()} threads):")
-        results, table = final_report(target, model, enc, test_records, meta["metric"], cfg, device)
-        print(table)
+        methods = decoders([cfg.n], max_new_tokens, enc.eot_token, cfg.final_blocks, cfg.final_lookup)
+        results, text = held_out_comparison({"target": target, "CLLM": model}, enc, test_records,
+                                            meta["metric"], methods, max_new_tokens, device,
+                                            tolerance=tolerance)
+        print(text)
     print("training curve (val prompts): " + ", ".join(
         f"{c['train_minutes']:.1f} min: {c['tokens_per_forward']:.2f} tok/fwd"
-        + (f", {c['quality']:.3f}" if c["quality"] is not None else "") for c in curve))
+        + (f", {c['quality']:.3f}" if c["quality"] is not None else "")
+        + f", loss {c['answer_loss']:.3f}" for c in curve))
     with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
         json.dump(dict(config=asdict(cfg), environment=environment(device), results=results,
-                       curve=curve), f, indent=1)
+                       curve=curve, chosen_iter=chosen["iter_num"], stopped=stopped,
+                       verdict=text.splitlines()[-2:] if text else []), f, indent=1)
     return results
 
 

@@ -90,11 +90,45 @@ def write_dataset(name, records, vocab_size, metric, source, settings, pattern=S
                 split_pattern=pattern, metric=metric, source=source, settings=settings,
                 records={s: len(records[s]) for s in SPLITS}, tokens=tokens,
                 mean_answer_tokens=float(np.mean(answer_tokens)) if answer_tokens else 0.0,
-                seconds=round(time.time() - t0, 1))
+                lengths=length_percentiles(enc, records["train"]), seconds=round(time.time() - t0, 1))
     _write_atomic(os.path.join(out, "meta.json"), lambda p: _write_json(p, meta))
     print(f"{meta['name']}: records {meta['records']}, tokens {tokens}, vocab {enc.n_vocab}, "
           f"mean answer {meta['mean_answer_tokens']:.1f} tokens, {meta['seconds']:.1f}s -> {out}")
+    print("token lengths of the training records (50th/90th/95th percentile, max): " + "; ".join(
+        f"{k} {v['p50']}/{v['p90']}/{v['p95']}/{v['max']}" for k, v in meta["lengths"].items()))
     return meta
+
+
+def length_percentiles(enc, records):
+    """Token lengths of prompt, answer (+ EOS) and both, at the 50th/90th/95th percentile and max:
+    what the context and the generation length should fit (context_length, generation_length)."""
+    prompts = [len(p) for p in enc.encode_ordinary_batch([r["prompt"] for r in records])]
+    answers = [len(a) + 1 for a in enc.encode_ordinary_batch([r["answer"] for r in records])]
+    lengths = dict(prompt=prompts, answer=answers, total=[p + a for p, a in zip(prompts, answers)])
+    return {k: dict(p50=int(np.percentile(v, 50)), p90=int(np.percentile(v, 90)),
+                    p95=int(np.percentile(v, 95)), max=int(max(v))) for k, v in lengths.items() if v}
+
+
+def context_length(meta, say=print):
+    """The context of a model trained on this data when none is set: the 95th percentile of
+    prompt + answer + EOS, rounded up to a multiple of 64, from 64 to 1024 (a CPU-sized choice;
+    set --block_size for more)."""
+    total = meta.get("lengths", {}).get("total")
+    if total is None:
+        say(f"note: {meta['name']} has no length statistics (prepared by an older version): context 128")
+        return 128
+    context = min(1024, max(64, -(-total["p95"] // 64) * 64))
+    say(f"context {context} tokens: 95% of the training records (prompt + answer) fit in "
+        f"{total['p95']}" + ("" if total["max"] <= context else
+                             f"; the longest, {total['max']}, are cropped"))
+    return context
+
+
+def generation_length(meta, context):
+    """max_new_tokens when none is set: the longest training answer with its EOS, but at most
+    half the context (the prompt keeps the rest)."""
+    answer = meta.get("lengths", {}).get("answer", {}).get("max", 96)
+    return max(1, min(answer, context // 2))
 
 
 def _write_json(path, obj):
@@ -125,18 +159,27 @@ def load_encoding(name):
     meta = load_meta(name)
     if meta["split_pattern"] == "gpt2":  # prepared with GPT-2's own tokenizer
         return load_tokenizer("gpt2")
-    return load_tokenizer(os.path.join(dataset_dir(name), "tokenizer.tiktoken"), meta["split_pattern"])
+    return load_tokenizer(dataset_file(name, "tokenizer.tiktoken"), meta["split_pattern"])
+
+
+def dataset_file(name, file):
+    """The path of one file of a prepared dataset, or an error that says how to remake it."""
+    load_meta(name)
+    path = os.path.join(dataset_dir(name), file)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"dataset {name!r} is incomplete: {path} is missing. Prepare it "
+                                f"again (delete {dataset_dir(name)}/meta.json, then run its "
+                                "prepare.py)")
+    return path
 
 
 def load_tokens(name, split):
     """The uint16 token stream of a split, memory-mapped."""
-    load_meta(name)
-    return np.memmap(os.path.join(dataset_dir(name), f"{split}.bin"), dtype=np.uint16, mode="r")
+    return np.memmap(dataset_file(name, f"{split}.bin"), dtype=np.uint16, mode="r")
 
 
 def load_records(name, split):
-    load_meta(name)
-    with open(os.path.join(dataset_dir(name), f"{split}.jsonl")) as f:
+    with open(dataset_file(name, f"{split}.jsonl"), encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 
@@ -158,8 +201,21 @@ def parses(prompt, completion):
         return False
 
 
+def longest_run(tokens):
+    """Length of the longest run of one token repeated: a generation that repeats itself."""
+    best = run = 1 if len(tokens) else 0
+    for a, b in zip(tokens, tokens[1:]):
+        run = run + 1 if a == b else 1
+        best = max(best, run)
+    return best
+
+
 def score(metric, record, completion):
-    """1.0 if a completion is right by the dataset's measure, else 0.0; None for 'loss'."""
+    """1.0 if a completion is right by the dataset's measure, else 0.0; None for 'loss'.
+    accuracy: the number after '####' is the answer's; parse: the function body parses;
+    exact: the completion is the answer, up to white space at its ends."""
+    if metric == "exact":
+        return float(completion.strip() == record["answer"].strip())
     if metric == "accuracy":
         got, want = final_answer(completion), final_answer(record["answer"])
         return float(got is not None and got == want)

@@ -1,12 +1,29 @@
 # Shared helpers of the test suite. Run everything with: python -m pytest -q
+# The decoding tests also run on a GPU, in float32 with TF32 off: python -m pytest -q --device=cuda
+# tests/test_model.py tests/test_jacobi.py tests/test_decoders.py (scripts/gpu_run.sh does).
 import pytest
 import torch
 
 from model import GPT, GPTConfig
 
+DEVICE = torch.device("cpu")  # set by --device
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="where the models of the decoding tests run")
+
+
+def pytest_configure(config):
+    global DEVICE
+    DEVICE = torch.device(config.getoption("--device"))
+    if DEVICE.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # exactness is a float32 promise
+        torch.backends.cudnn.allow_tf32 = False
+
 
 def make_model(seed=0, vocab_size=50, block_size=64, n_layer=2, n_head=2, n_embd=32, scale=1.0):
-    """A tiny random GPT in float32, eval mode. scale > 1 sharpens its logits (chaotic output)."""
+    """A tiny random GPT in float32, eval mode, on DEVICE. scale > 1 sharpens its logits (chaotic
+    output)."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer,
                           n_head=n_head, n_embd=n_embd))
@@ -14,7 +31,12 @@ def make_model(seed=0, vocab_size=50, block_size=64, n_layer=2, n_head=2, n_embd
         for p in model.parameters():
             if p.dim() >= 2:
                 p.mul_(scale)
-    return model.eval()
+    return model.to(DEVICE).eval()
+
+
+def random_prompt(length, seed, vocab_size=50):
+    """A random prompt on DEVICE, the same on any device for a seed."""
+    return torch.randint(vocab_size, (length,), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 @pytest.fixture(scope="session")

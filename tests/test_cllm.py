@@ -7,9 +7,10 @@ import torch
 import train
 import train_cllm
 from conftest import make_model
-from jacobi import greedy_decode, jacobi_decode
-from train_cllm import (CLLMConfig, collate, collect_trajectories, consistency_loss,
-                        consistency_mask, consistency_target, pack_row)
+from jacobi import collect_trajectories, greedy_decode, jacobi_decode
+from train_cllm import (CLLMConfig, collate, consistency_loss, consistency_mask, consistency_target,
+                        distillation_loss, distillation_loss_reference, noise_ratio, noisy_streams,
+                        pack_row)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,7 +69,7 @@ def test_batched_collection_equals_jacobi_decode(n):
     assert any(eos_id in greedy_decode(model, p, 40).tolist() for p in prompts)
     trajs = collect_trajectories(model, prompts, n, 40, eos_id, seeds=list(range(len(prompts))))
     for i, (prompt, blocks) in enumerate(zip(prompts, trajs)):
-        tokens, stats = jacobi_decode(model, prompt, 40, n, eos_id, seed=i, return_trajectory=True)
+        tokens, stats = jacobi_decode(model, prompt, 40, n, eos_id, seed=i)
         assert len(blocks) == len(stats.trajectory)
         for a, b in zip(blocks, stats.trajectory):
             assert torch.equal(a.prefix, b.prefix) and torch.equal(a.states, b.states)
@@ -77,66 +78,89 @@ def test_batched_collection_equals_jacobi_decode(n):
 
 
 # ----------------------------------------------------------------------------------------------
-# packing: one forward of a packed row == separate forwards
+# packing: one forward of a packed batch == the reference loss with separate forwards
 
-def fake_states(g, b, S, vocab=50):
-    """States of one block: S random states, then a fixed point."""
-    return torch.randint(vocab, (S + 1, b), generator=g)
+def fake_record(g, blocks=((5, 1), (5, 3), (3, 2)), prompt_len=6, answer_len=9, vocab=50):
+    """A record of random states: per block (b, S), S random states and then a fixed point."""
+    return dict(prompt=torch.randint(vocab, (prompt_len,), generator=g),
+                answer=torch.randint(vocab, (answer_len,), generator=g),
+                states=[torch.randint(vocab, (S + 1, b), generator=g) for b, S in blocks])
 
 
-@pytest.mark.parametrize("kind,ar_target", [("global", "fixed_point"), ("local", "fixed_point"),
-                                            ("global", "ground_truth")])
-def test_packed_row_equals_separate_forwards(tiny, kind, ar_target):
-    g = torch.Generator().manual_seed(3)
-    prompt = torch.randint(50, (6,), generator=g)
-    states = [fake_states(g, 5, 1), fake_states(g, 5, 3), fake_states(g, 3, 2)]
-    choices = [[0], [len(states[1]) - 2, 0], []]
-    answer = torch.randint(50, (9,), generator=g)
-    cfg = CLLMConfig(consistency=kind, ar_target=ar_target)
-    row = pack_row(prompt, states, choices, answer, cfg, context=64)
-    tokens, positions, attn, labels, s_cols, t_cols, = row
-    packed, _ = tiny(tokens[None], input_pos=positions, attn_mask=attn[None])
-    packed = packed[0]
-    fixed = [s[-1] for s in states]
-    main = torch.cat([prompt, *fixed])
-    main_logits, _ = tiny(main[None])
-    torch.testing.assert_close(packed[:len(main)], main_logits[0], atol=1e-5, rtol=0)
-    # every student column equals a separate forward of prefix + state, and its teacher column a
-    # separate forward of prefix + target state, at the same block position
-    expected_s, expected_t = [], []
-    for k, j in ((k, j) for k, picks in enumerate(choices) for j in picks):
-        s = states[k]
-        prefix = torch.cat([prompt, *fixed[:k]])
-        t = consistency_target(s, j, kind)
-        alone_s, _ = tiny(torch.cat([prefix, s[j]])[None])
-        alone_t, _ = tiny(torch.cat([prefix, s[t]])[None])
-        cols = torch.arange(len(s[j]) - 1)[consistency_mask(s[j], s[t])]
-        expected_s.append(alone_s[0, len(prefix) + cols])
-        expected_t.append(alone_t[0, len(prefix) + cols])
-    torch.testing.assert_close(packed[s_cols], torch.cat(expected_s), atol=1e-5, rtol=0)
-    torch.testing.assert_close(packed[t_cols], torch.cat(expected_t), atol=1e-5, rtol=0)
-    # AR labels: the fixed points after the prompt, or the ground truth in its own segment
-    labelled = labels[labels != -1]
-    if ar_target == "fixed_point":
-        assert torch.equal(labelled, torch.cat(fixed))
+def fake_batch(g, recipe):
+    records = [fake_record(g), fake_record(g, blocks=((4, 2), (2, 1)), prompt_len=3, answer_len=4),
+               fake_record(g, blocks=((5, 0),))]  # a block whose first guess was its fixed point
+    if recipe == "cllm":
+        choices = [[(0, [0]), (1, [2]), (1, [0]), (2, [1])], [(0, [1]), (1, [0])], []]
     else:
-        assert torch.equal(labelled, answer)
-        gt_start = len(main)
-        alone, _ = tiny(torch.cat([prompt, answer])[None])
-        torch.testing.assert_close(packed[gt_start:gt_start + len(answer)], alone[0, len(prompt):],
-                                   atol=1e-5, rtol=0)
+        choices = [[(0, [0, 2, 1]), (0, [1, 0, 2])], [(0, [2, 0])], [(0, [0])]]
+    return records, choices
+
+
+@pytest.mark.parametrize("recipe,kind,ar_target", [
+    ("cllm", "global", "fixed_point"), ("cllm", "local", "fixed_point"), ("cllm", "global", "ground_truth"),
+    ("cllm", "local", "ground_truth"), ("jacobi_forcing", "global", "ground_truth"),
+    ("jacobi_forcing", "global", "fixed_point"), ("jacobi_forcing", "local", "ground_truth")])
+def test_packed_loss_and_gradients_equal_the_reference(recipe, kind, ar_target):
+    g = torch.Generator().manual_seed(3)
+    records, choices = fake_batch(g, recipe)
+    cfg = CLLMConfig(recipe=recipe, consistency=kind, ar_target=ar_target, ar_weight=3.0)
+    model = make_model(seed=5)  # block_size 64
+    model.train()
+    ref = distillation_loss_reference(model, records, choices, cfg)
+    ref[0].backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    rows = [pack_row(r, c, cfg, context=64) for r, c in zip(records, choices)]
+    packed = distillation_loss(model, collate(rows, "cpu"), cfg)
+    packed[0].backward()
+    assert ref[1] > 0 and ref[2] > 0
+    for a, b in zip(packed, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for p, ref_grad in zip(model.parameters(), ref_grads):
+        torch.testing.assert_close(p.grad, ref_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_row_segments(tiny):
+    """The first segment is prompt + fixed points, causal, with the AR labels; a Jacobi Forcing
+    stream is one segment that sees the prompt only (its blocks see the earlier noisy blocks)."""
+    g = torch.Generator().manual_seed(4)
+    record = fake_record(g)
+    fixed = torch.cat([s[-1] for s in record["states"]])
+    row = pack_row(record, [(0, [0, 1, 0])], CLLMConfig(ar_target="fixed_point"), 64)
+    P, K = len(record["prompt"]), len(fixed)
+    assert torch.equal(row.tokens[:P + K], torch.cat([record["prompt"], fixed]))
+    assert torch.equal(row.labels[P - 1:P + K - 1], fixed) and (row.labels[P + K - 1:] == -1).all()
+    stream = row.tokens[P + K:]
+    assert torch.equal(stream, torch.cat([s[j] for s, j in zip(record["states"], [0, 1, 0])]))
+    assert torch.equal(row.positions[P + K:], torch.arange(P, P + K))
+    assert row.attn[P + K:, :P].all() and not row.attn[P + K:, P:P + K].any()
+    assert torch.equal(row.attn[P + K:, P + K:], torch.ones(K, K, dtype=torch.bool).tril())
+
+
+def test_noise_schedule_climbs_within_the_window():
+    g = torch.Generator().manual_seed(0)
+    fixed = torch.arange(8)
+    # states from fully wrong to right: noise ratios 1, 0.75, 0.5, 0.25, 0
+    states = torch.stack([torch.where(torch.arange(8) >= w, 99, fixed) for w in (0, 2, 4, 6, 8)])
+    assert [noise_ratio(s, fixed) for s in states] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    record = dict(prompt=torch.tensor([1]), answer=None, states=[states] * 5)
+    for k, js in noisy_streams(record, 8, 5, g):
+        ratios = [noise_ratio(states[j], fixed) for j in js]
+        phase = [0.0, 0.25, 0.5, 0.75, 1.0].index(ratios[0])
+        assert k == 0 and ratios == [[0.0, 0.25, 0.5, 0.75, 1.0][(phase + b) % 5] for b in range(5)]
 
 
 def test_collate_pads_without_nans(tiny):
     g = torch.Generator().manual_seed(4)
     cfg = CLLMConfig()
-    rows = [pack_row(torch.randint(50, (L,), generator=g), [fake_states(g, 4, 1)], [[0]],
-                     torch.tensor([1, 2]), cfg, 64) for L in (3, 12)]
+    rows = [pack_row(fake_record(g, blocks=((4, 1),), prompt_len=L, answer_len=2), [(0, [0])], cfg, 64)
+            for L in (3, 12)]
     tokens, positions, attn, labels, student, teacher = collate(rows, "cpu")
     logits, _ = tiny(tokens, input_pos=positions, attn_mask=attn)
     assert torch.isfinite(logits).all()
-    assert (labels[0, len(rows[0][0]):] == -1).all()
-    assert student[:, 0].tolist() == [0] * len(rows[0][4]) + [1] * len(rows[1][4])
+    assert (labels[0, len(rows[0].tokens):] == -1).all()
+    assert student[:, 0].tolist() == [0] * len(rows[0].student) + [1] * len(rows[1].student)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,7 +198,7 @@ def test_distillation_raises_tokens_per_forward():
     g = torch.Generator().manual_seed(1)
     held_out = [torch.randint(10, (PROMPT_LEN,), generator=g) for _ in range(8)]
     assert greedy_decode(target, held_out[0], len(ANSWER)).tolist() == ANSWER
-    n, cfg = 8, CLLMConfig(n=8, ar_weight=1.0, ar_target="fixed_point")
+    n, cfg = 8, CLLMConfig(n=8, ar_weight=1.0, ar_target="fixed_point", states_per_block=1)
     before = mean_tokens_per_forward(target, held_out, n)
     train_prompts = [torch.randint(10, (PROMPT_LEN,), generator=g) for _ in range(32)]
     trajs = collect_trajectories(target, train_prompts, n, len(ANSWER), seeds=list(range(32)))
@@ -186,8 +210,7 @@ def test_distillation_raises_tokens_per_forward():
     opt = torch.optim.AdamW(cllm.parameters(), lr=3e-3)
     for step in range(60):
         batch = [records[i] for i in torch.randint(32, (8,), generator=g).tolist()]
-        rows = [pack_row(r["prompt"], r["states"], c, r["answer"], cfg, 32)
-                for r, c in zip(batch, train_cllm.sample_choices(batch, 1, g))]
+        rows = [pack_row(r, c, cfg, 32) for r, c in zip(batch, train_cllm.choose_states(batch, cfg, g))]
         loss, l_c, l_ar = train_cllm.distillation_loss(cllm, collate(rows, "cpu"), cfg)
         loss.backward()
         opt.step()
@@ -205,7 +228,7 @@ def cllm_args(data, target, out_dir, **overrides):
     args = dict(dataset=data, target_dir=target, out_dir=out_dir, n=4, num_prompts=12,
                 traj_max_new_tokens=16, collect_batch=5, batch_size=4, max_iters=4,
                 eval_interval=2, eval_prompts=2, max_new_tokens=16, final_prompts=2,
-                log_interval=1, warmup_iters=1, repeat_limit=1000)
+                log_interval=1, warmup_iters=1, repeat_limit=1000, guard_patience=0)
     args.update(overrides)
     return [f"--{k}={v}" for k, v in args.items()]
 
@@ -215,21 +238,26 @@ def test_pipeline_reuses_and_refuses_trajectories_and_resumes(tiny_target, tmp_p
     out = str(tmp_path / "cllm")
     results = train_cllm.main(cllm_args(data, target, out))
     log = capsys.readouterr().out
-    assert "collect: prompts 12/12" in log and "iter 4: loss" in log and "| CLLM |" in log
+    assert "collect: batches 3/3" in log and "iter 4: loss" in log and "| CLLM |" in log
     assert results["CLLM"]["Jacobi n=4"]["exact"] == "2/2" == results["target"]["Jacobi n=4"]["exact"]
+    assert "quality_within_tolerance" in results["CLLM"]["AR"]
     train_cllm.main(cllm_args(data, target, out, init_from="resume", max_iters=6))
     log = capsys.readouterr().out
     assert "reusing" in log and "iter 6: loss" in log and "iter 4: loss" not in log
+    with pytest.raises(ValueError, match="already holds a run.*--init_from=resume"):
+        train_cllm.main(cllm_args(data, target, out))  # a fresh start would overwrite the run
     with pytest.raises(ValueError, match="does not match this run.*'n': \\(4, 8\\)"):
-        train_cllm.main(cllm_args(data, target, out, n=8))
+        train_cllm.main(cllm_args(data, target, out, n=8, init_from="resume"))
     straight = str(tmp_path / "straight")
     train_cllm.main(cllm_args(data, target, straight, max_iters=6, lr_decay_iters=6))
     split = str(tmp_path / "split")
     train_cllm.main(cllm_args(data, target, split, max_iters=4, lr_decay_iters=6))
     train_cllm.main(cllm_args(data, target, split, max_iters=6, lr_decay_iters=6, init_from="resume"))
-    a = torch.load(f"{straight}/ckpt.pt", weights_only=False)["model"]
-    b = torch.load(f"{split}/ckpt.pt", weights_only=False)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a = torch.load(f"{straight}/last.pt", weights_only=False)
+    b = torch.load(f"{split}/last.pt", weights_only=False)
+    assert a["iter_num"] == b["iter_num"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [c["tokens_per_forward"] for c in a["curve"]] == [c["tokens_per_forward"] for c in b["curve"]]
 
 
 def test_bad_settings(tiny_target, tmp_path):

@@ -5,22 +5,18 @@ import itertools
 import pytest
 import torch
 
-from conftest import make_model
-from jacobi import (count_stationary, greedy_decode, initial_guess, jacobi_decode,
-                    jacobi_decode_reference)
+from conftest import DEVICE, make_model, random_prompt
+from jacobi import (greedy_decode, initial_guess, jacobi_decode, jacobi_decode_reference,
+                    stationary_tokens)
 
 BLOCK_SIZES = [1, 2, 3, 7, 16, 33]
 
-
-def random_prompt(length, seed, vocab_size=50):
-    return torch.randint(vocab_size, (length,), generator=torch.Generator().manual_seed(seed))
 
 
 def assert_all_agree(model, prompt, max_new_tokens, n, eos_id=None, seed=0, init="prefix"):
     """greedy == Jacobi (cached) == Jacobi (reference), tokens and trajectories; stats add up."""
     greedy = greedy_decode(model, prompt, max_new_tokens, eos_id)
-    tokens, stats = jacobi_decode(model, prompt, max_new_tokens, n, eos_id, init, seed,
-                                  return_trajectory=True)
+    tokens, stats = jacobi_decode(model, prompt, max_new_tokens, n, eos_id, init, seed)
     ref_tokens, ref_trajectory = jacobi_decode_reference(model, prompt, max_new_tokens, n, eos_id,
                                                          init, seed)
     assert tokens.tolist() == greedy.tolist()
@@ -102,9 +98,9 @@ def test_repeat_init_is_exact_too(models):
 
 def test_seeded_guesses_are_reproducible(models):
     prompt = random_prompt(9, seed=3)
-    _, a = jacobi_decode(models[8.0], prompt, 20, n=8, seed=5, return_trajectory=True)
-    _, b = jacobi_decode(models[8.0], prompt, 20, n=8, seed=5, return_trajectory=True)
-    _, c = jacobi_decode(models[8.0], prompt, 20, n=8, seed=6, return_trajectory=True)
+    _, a = jacobi_decode(models[8.0], prompt, 20, n=8, seed=5)
+    _, b = jacobi_decode(models[8.0], prompt, 20, n=8, seed=5)
+    _, c = jacobi_decode(models[8.0], prompt, 20, n=8, seed=6)
     assert all(torch.equal(x.states, y.states) for x, y in zip(a.trajectory, b.trajectory))
     assert not torch.equal(a.trajectory[0].states[0], c.trajectory[0].states[0])
 
@@ -131,7 +127,7 @@ def test_fast_forward_when_the_model_ignores_its_context():
     second pass commits it at once. Later blocks draw their guesses from a prefix full of 3s and
     are often right at once: at least n/2 tokens per forward."""
     model = constant_model()
-    prompt = torch.tensor([1, 2, 4, 5])  # no 3 in the prompt: initial guesses are all wrong
+    prompt = torch.tensor([1, 2, 4, 5], device=DEVICE)  # no 3 in it: the guesses are all wrong
     greedy, stats = assert_all_agree(model, prompt, 32, n=8)
     assert greedy.tolist() == [3] * 32
     assert stats.iterations[0] == 2 and stats.accepted[:2] == [1, 7]
@@ -139,18 +135,35 @@ def test_fast_forward_when_the_model_ignores_its_context():
     assert stats.tokens_per_forward >= 4.0
 
 
-def test_count_stationary_on_hand_made_states():
+def test_stationary_tokens_on_hand_made_states():
     states = torch.tensor([
-        [9, 2, 9, 4],   # y^(0): token 1 is already right (2) while token 0 is wrong
-        [1, 2, 7, 4],   # token 3 right while token 2 is wrong; token 1 now joins the prefix
+        [9, 2, 9, 4],   # y^(0): tokens 1 and 3 are already right while token 0 is wrong
+        [1, 2, 7, 4],   # token 3 right while token 2 is wrong; token 1 now joins the right prefix
         [1, 2, 3, 4],   # y*
     ])
-    # token 1 settled at state 0 with token 0 wrong; token 3 settled at state 0 with token 0 wrong
-    assert count_stationary(states) == 2
+    assert stationary_tokens(states).tolist() == [[False, True, False, True],
+                                                  [False, False, False, True],
+                                                  [False, False, False, False]]
     states = torch.tensor([[5, 5, 5], [1, 5, 5], [1, 2, 5], [1, 2, 3]])  # one at a time
-    assert count_stationary(states) == 0
+    assert not stationary_tokens(states).any()
     states = torch.tensor([[1, 8, 3], [1, 2, 0], [1, 2, 3]])  # token 2 right, then wrong again
-    assert count_stationary(states) == 0
+    assert not stationary_tokens(states).any()
+
+
+def stationary_by_hand(states):
+    """The definition in plain loops: positions right from some state on while a token before them
+    in that state is wrong."""
+    rows, fixed = states.tolist(), states[-1].tolist()
+    return sum(any(all(r[i] == fixed[i] for r in rows[j:]) and rows[j][:i] != fixed[:i]
+                   for j in range(len(rows)))
+               for i in range(len(fixed)))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_stationary_count_of_a_decode(models, seed):
+    _, stats = jacobi_decode(models[8.0], random_prompt(6, seed=seed), 40, n=8, seed=seed)
+    assert stats.stationary == sum(stationary_by_hand(b.states) for b in stats.trajectory)
+    assert all(len(states) == it + 1 for (_, states, _), it in zip(stats.passes, stats.iterations))
 
 
 @pytest.mark.parametrize("bad,match", [

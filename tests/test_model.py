@@ -15,10 +15,10 @@ def test_cached_prefill_then_steps_equal_uncached(tiny):
     idx = torch.randint(50, (1, 30), generator=torch.Generator().manual_seed(1))
     full, _ = tiny(idx)  # (1, 30, V) plain causal forward
     cache = tiny.make_cache()
-    logits, _ = tiny(idx[:, :12], input_pos=torch.arange(12), cache=cache)  # prefill
+    logits, _ = tiny(idx[:, :12], input_pos=range(12), cache=cache)  # prefill
     steps = [logits]
     for t in range(12, 30):  # then one token per forward
-        logits, _ = tiny(idx[:, t:t + 1], input_pos=torch.tensor([t]), cache=cache)
+        logits, _ = tiny(idx[:, t:t + 1], input_pos=range(t, t + 1), cache=cache)
         steps.append(logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=0)
 
@@ -29,11 +29,11 @@ def test_block_at_offset_rerun_over_scratch_slots(tiny):
     g = torch.Generator().manual_seed(2)
     prefix = torch.randint(50, (1, 20), generator=g)
     cache = tiny.make_cache()
-    tiny(prefix, input_pos=torch.arange(20), cache=cache)
+    tiny(prefix, input_pos=range(20), cache=cache)
     committed_k = cache.k[0][:, :, :20].clone()
     for _ in range(4):
         block = torch.randint(50, (1, 7), generator=g)
-        logits, _ = tiny(block, input_pos=torch.arange(20, 27), cache=cache)
+        logits, _ = tiny(block, input_pos=range(20, 27), cache=cache)
         full, _ = tiny(torch.cat([prefix, block], dim=1))
         torch.testing.assert_close(logits, full[:, 20:], atol=ATOL, rtol=0)
         assert torch.equal(cache.k[0][:, :, :20], committed_k)
@@ -44,9 +44,9 @@ def test_shorter_block_ignores_stale_slots_after_it(tiny):
     g = torch.Generator().manual_seed(3)
     seq = torch.randint(50, (1, 27), generator=g)
     cache = tiny.make_cache()
-    tiny(seq, input_pos=torch.arange(27), cache=cache)
+    tiny(seq, input_pos=range(27), cache=cache)
     short = torch.randint(50, (1, 3), generator=g)
-    logits, _ = tiny(short, input_pos=torch.arange(20, 23), cache=cache)
+    logits, _ = tiny(short, input_pos=range(20, 23), cache=cache)
     full, _ = tiny(torch.cat([seq[:, :20], short], dim=1))
     torch.testing.assert_close(logits, full[:, 20:], atol=ATOL, rtol=0)
 
@@ -192,7 +192,7 @@ def test_cache_with_a_position_per_row(tiny):
     prompts = [torch.randint(50, (L,), generator=g) for L in lengths]
     padded = torch.stack([torch.cat([p, p.new_zeros(12 - len(p))]) for p in prompts])
     cache = tiny.make_cache(batch_size=3)
-    tiny(padded, input_pos=torch.arange(12), cache=cache)
+    tiny(padded, input_pos=range(12), cache=cache)
     blocks = torch.randint(50, (3, 4), generator=g)
     pos = torch.stack([torch.arange(L, L + 4) for L in lengths])  # (B, T)
     logits, _ = tiny(blocks, input_pos=pos, cache=cache)

@@ -11,15 +11,28 @@ import sample
 
 def test_token_kinds():
     fixed = torch.tensor([1, 2, 3, 4, 5])
-    state = torch.tensor([1, 9, 3, 8, 5])
-    later = torch.stack([torch.tensor([1, 2, 3, 7, 5]), fixed])
-    # 1 is committed; 9 wrong; 3 right and stays: stationary; 8 wrong; 5 right and stays: stationary
-    assert sample.token_kinds(state, fixed, later) == ["committed", "wrong", "stationary", "wrong",
-                                                       "stationary"]
-    # right now but changed later: not stationary
-    later = torch.stack([torch.tensor([1, 2, 0, 4, 5]), fixed])
-    assert sample.token_kinds(state, fixed, later)[2] == "wrong"
-    assert sample.token_kinds(fixed, fixed, fixed[None]) == ["committed"] * 5
+    state = torch.tensor([1, 2, 9, 4, 8])
+    stationary = torch.tensor([False, False, False, True, False])
+    # 1 committed; 2 right but not committed yet; 9 wrong; 4 stationary; 8 wrong
+    assert sample.token_kinds(state, fixed, 1, stationary) == ["committed", "right", "wrong",
+                                                               "stationary", "wrong"]
+    assert sample.token_kinds(fixed, fixed, 2, stationary) == ["committed"] * 2 + ["right"] * 3
+
+
+def test_show_prints_what_the_decoder_committed(capsys):
+    """--show on a model whose output ignores its context: block 0 commits 1 token on the first
+    pass (its guesses were wrong) and the other 7 on the second, which changes nothing."""
+    from test_jacobi import constant_model
+    from jacobi import jacobi_decode
+    _, stats = jacobi_decode(constant_model(), torch.tensor([1, 2, 4, 5]), 8, n=8)
+
+    class Digits:  # an "encoding" that writes token t as the digit t
+        decode = staticmethod(lambda ts: "".join(map(str, ts)))
+    sample.show_trajectory(Digits, stats, colour=False)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "block 0: 2 forward passes for 8 tokens, committing 1 + 7"
+    assert out[2] == "  y(1) 3{3333333}  (1/8 committed)"
+    assert out[3].startswith("  pass 2 changes nothing: it confirms the fixed point and commits the last 7")
 
 
 def test_sample_modes(tiny_cllm, tmp_path, capsys, monkeypatch):

@@ -43,10 +43,11 @@ def test_train_writes_a_checkpoint_that_resumes_exactly(dataset, tmp_path, capsy
 
 def test_lr_schedule():
     cfg = train.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
-    assert train.get_lr(0, cfg) == pytest.approx(0.1)
-    assert train.get_lr(9, cfg) == pytest.approx(1.0)
-    assert train.get_lr(60, cfg) == pytest.approx(0.55)
-    assert train.get_lr(110, cfg) == pytest.approx(0.1) == train.get_lr(500, cfg)
+    assert train.get_lr(0, cfg, 110) == pytest.approx(0.1)
+    assert train.get_lr(9, cfg, 110) == pytest.approx(1.0)
+    assert train.get_lr(60, cfg, 110) == pytest.approx(0.55)
+    assert train.get_lr(110, cfg, 110) == pytest.approx(0.1) == train.get_lr(500, cfg, 110)
+    assert train.get_lr(35, cfg, 60) == pytest.approx(0.55)  # a run cut short decays sooner
 
 
 def test_clear_errors(dataset, tmp_path):

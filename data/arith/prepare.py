@@ -17,6 +17,7 @@ import os
 import random
 import sys
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))  # run from anywhere
 
@@ -31,7 +32,7 @@ class ArithConfig:
     num_val: int = 500
     num_test: int = 500
     vocab_size: int = 1024   # BPE vocabulary, end-of-text token included
-    digits: str = "single"   # "single": every digit its own token; "grouped": GPT-2's split
+    digits: Literal["single", "grouped"] = "single"  # "single": every digit its own token; "grouped": GPT-2's split
     seed: int = 1337
     name: str = "arith"      # written to data/<name>/
 
@@ -151,8 +152,6 @@ def make_records(cfg):
 
 def prepare(argv=()):
     cfg = configure(ArithConfig(), argv)
-    if cfg.digits not in ("single", "grouped"):
-        raise ValueError(f"digits must be 'single' or 'grouped', got {cfg.digits!r}")
     settings = asdict(cfg)
     if is_prepared(cfg.name, settings):
         print(f"data/{cfg.name} is already prepared with these settings")

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))  # run from anywhere
 
@@ -28,8 +29,8 @@ class CustomConfig:
     input: str = ""            # path to a .jsonl or a text file
     name: str = "custom"       # written to data/<name>/
     vocab_size: int = 2048
-    metric: str = "loss"       # "loss", "accuracy" or "parse"
-    tokenizer: str = "bpe"     # "bpe": our own, trained here; "gpt2": GPT-2's (for GPT-2 weights;
+    metric: Literal["loss", "accuracy", "parse", "exact"] = "loss"  # see data/common.py score
+    tokenizer: Literal["bpe", "gpt2"] = "bpe"  # "bpe": our own, trained here; "gpt2": GPT-2's (for GPT-2 weights;
                                # tiktoken downloads it once, so this needs internet)
     val_frac: float = 0.05
     test_frac: float = 0.05
@@ -85,10 +86,6 @@ def prepare(argv=()):
                          "--name=mydata")
     if not os.path.isfile(cfg.input):
         raise FileNotFoundError(f"input file {cfg.input!r} not found")
-    if cfg.metric not in ("loss", "accuracy", "parse"):
-        raise ValueError(f"metric must be 'loss', 'accuracy' or 'parse', got {cfg.metric!r}")
-    if cfg.tokenizer not in ("bpe", "gpt2"):
-        raise ValueError(f"tokenizer must be 'bpe' or 'gpt2', got {cfg.tokenizer!r}")
     settings = dict(asdict(cfg), input_size=os.path.getsize(cfg.input),
                     input_mtime=os.path.getmtime(cfg.input))
     if is_prepared(cfg.name, settings):

@@ -1,0 +1,82 @@
+"""
+More than one process, PyTorch's own way: torchrun starts one process per device and sets RANK,
+WORLD_SIZE and LOCAL_RANK; train.py and train_cllm.py then train with DistributedDataParallel
+(NCCL on CUDA, gloo on CPU). Without torchrun every function here is a no-op on a world of one.
+
+    torchrun --standalone --nproc_per_node=8 train.py config/train_arith_gpu.py
+
+What the scripts do with it (the lines marked `# ddp`):
+- batch_size stays the global batch: every process draws the same batch and takes its own slice
+  of it (gradient accumulation splits a slice further), so W processes see one process's batches;
+- rank 0 logs, evaluates and writes the checkpoints (the plain module's weights);
+- trajectory collection is split by batches, gathered, and written once by rank 0.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def master(self):
+        """The process that logs, evaluates and writes files."""
+        return self.rank == 0
+
+
+def init(device):
+    """(World, device) of this process: under torchrun, join the process group and take the
+    device of the local rank; else a world of one on `device`."""
+    if "RANK" not in os.environ:
+        return World(), device
+    world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return world, device
+
+
+def wrap(model, world, device):
+    """The module that trains: DistributedDataParallel when there are several processes."""
+    if world.size == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def my_share(items, world, per_process):
+    """This process's slice of a global batch: items (W * per_process, ...) -> (per_process, ...)."""
+    return items[world.rank * per_process:(world.rank + 1) * per_process]
+
+
+def barrier(world):
+    if world.size > 1:
+        dist.barrier()
+
+
+def all_gather(obj, world):
+    """[obj of rank 0, obj of rank 1, ..] on every process (any picklable object)."""
+    if world.size == 1:
+        return [obj]
+    out = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_sum(values, world):
+    """Elementwise sum over the processes of a list of numbers (through all_gather, which works
+    the same on gloo and NCCL)."""
+    return [sum(column) for column in zip(*all_gather(values, world))]
+
+
+def finish(world):
+    if world.size > 1:
+        dist.destroy_process_group()

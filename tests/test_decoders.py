@@ -1,0 +1,77 @@
+# Tests of decoders.py: prompt lookup and multi-block Jacobi are exactly greedy decoding.
+# Run: python -m pytest -q tests/test_decoders.py
+import itertools
+
+import pytest
+import torch
+
+from conftest import make_model, random_prompt
+from decoders import lookup_draft, multiblock_jacobi_decode, prompt_lookup_decode
+from jacobi import greedy_decode
+
+
+
+@pytest.fixture(scope="module")
+def models():
+    # scale 8 is chaotic; the small vocabulary of the third makes its outputs repeat themselves,
+    # so prompt lookup finds long drafts that are partly right
+    return {1.0: make_model(seed=11), 8.0: make_model(seed=12, scale=8.0),
+            "repetitive": make_model(seed=14, vocab_size=6, scale=3.0)}
+
+
+def check(model, prompt, max_new_tokens, eos_id=None, **decoders):
+    """Every decoder's output equals greedy_decode's; the statistics add up."""
+    greedy = greedy_decode(model, prompt, max_new_tokens, eos_id)
+    for name, decode in decoders.items():
+        tokens, stats = decode(model, prompt, max_new_tokens, eos_id=eos_id)
+        assert tokens.tolist() == greedy.tolist(), name
+        assert stats.tokens == len(tokens) and stats.forwards == len(stats.accepted)
+        assert all(a >= 1 for a in stats.accepted)
+    return greedy
+
+
+FUZZ = list(itertools.product([1.0, 8.0, "repetitive"], [1, 4, 17], [1, 2, 5, 16], range(3)))
+
+
+@pytest.mark.parametrize("model_key,P,n,seed", FUZZ)
+def test_decoders_equal_greedy_fuzz(models, model_key, P, n, seed):
+    vocab = models[model_key].config.vocab_size
+    prompt = random_prompt(P, seed=100 * n + seed, vocab_size=vocab)
+    check(models[model_key], prompt, 11 + 5 * seed,
+          lookup=lambda *a, **k: prompt_lookup_decode(*a, **k, ngram=1 + seed, draft_len=n),
+          multiblock=lambda *a, **k: multiblock_jacobi_decode(*a, **k, n=n, blocks=1 + seed, seed=seed))
+
+
+@pytest.mark.parametrize("n", [1, 3, 16])
+def test_eos_inside_a_draft(models, n):
+    model = models["repetitive"]
+    for seed in range(4):
+        prompt = random_prompt(5, seed=seed, vocab_size=6)
+        free = greedy_decode(model, prompt, 40)
+        eos_id = int(free[len(free) // 2])
+        greedy = check(model, prompt, 40, eos_id,
+                       lookup=lambda *a, **k: prompt_lookup_decode(*a, **k, draft_len=n),
+                       multiblock=lambda *a, **k: multiblock_jacobi_decode(*a, **k, n=n, seed=seed))
+        assert greedy[-1] == eos_id and eos_id not in greedy[:-1].tolist()
+
+
+@pytest.mark.parametrize("P", [40, 63, 64])
+def test_decoders_stop_at_the_context_limit(models, P):
+    greedy = check(models["repetitive"], random_prompt(P, seed=P, vocab_size=6), 1000,
+                   lookup=prompt_lookup_decode,
+                   multiblock=lambda *a, **k: multiblock_jacobi_decode(*a, **k, n=16, blocks=3))
+    assert len(greedy) == 64 - P
+
+
+def test_lookup_draft():
+    assert lookup_draft([1, 2, 3, 9, 1, 2, 3], ngram=3, length=4) == [9, 1, 2, 3]
+    assert lookup_draft([5, 1, 2, 7, 1, 2], ngram=3, length=1) == [7]       # falls back to 2 tokens
+    assert lookup_draft([1, 2, 1, 3, 1], ngram=2, length=2) == [3, 1]       # the latest occurrence
+    assert lookup_draft([1, 2, 3], ngram=3, length=4) == []
+    assert lookup_draft([4], ngram=3, length=4) == []
+
+
+def test_lookup_drafts_are_used_on_repetitive_text(models):
+    model = models["repetitive"]
+    _, stats = prompt_lookup_decode(model, random_prompt(8, seed=1, vocab_size=6), 50)
+    assert max(stats.accepted) > 1  # some drafted tokens were right and committed at once

@@ -1,0 +1,89 @@
+# train.py and train_cllm.py under torchrun: 2 CPU processes (gloo) against 1 process.
+# Run: python -m pytest -q tests/test_distributed.py
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+import train_cllm
+from test_cllm import cllm_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun(script, args, nproc=2):
+    """Run a script under torchrun with nproc CPU processes; its output (rank 0 prints). The `--`
+    keeps torchrun's own parser off the script's settings (it would take --n=4 for an abbreviation
+    of its --nnodes)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(ROOT, script), "--", *args]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The torchrun processes get one thread each; so does the single process they are compared
+    with (a matrix product can round differently with another number of threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def losses(log):
+    return [float(x) for x in re.findall(r"^iter \d+: loss ([\d.]+)", log, re.M)]
+
+
+def tiny_train_args(data, out_dir):
+    return [f"--dataset={data}", f"--out_dir={out_dir}", "--n_layer=1", "--n_head=2", "--n_embd=32",
+            "--block_size=64", "--batch_size=8", "--max_iters=12", "--eval_interval=6", "--eval_iters=1",
+            "--log_interval=1", "--val_prompts=0", "--eval_prompts=2", "--warmup_iters=2",
+            "--dropout=0.0"]
+
+
+def test_train_on_two_processes_matches_one(tiny_target, tmp_path, capsys):
+    """The same global batch on 1 and on 2 processes: the same losses, up to float rounding (the
+    batch mean is taken as a mean of per-process means, a different order of additions), and one
+    checkpoint, written by rank 0, that loads in a single process."""
+    data, _ = tiny_target
+    train.main(tiny_train_args(data, tmp_path / "one"))
+    one = losses(capsys.readouterr().out)
+    two = losses(torchrun("train.py", tiny_train_args(data, tmp_path / "two")))
+    assert len(one) == len(two) == 12
+    assert one[-1] < one[0] and two[-1] < two[0]  # it learns
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-5)
+    model, ckpt = train.load_checkpoint(str(tmp_path / "two" / "ckpt.pt"))
+    assert not any(k.startswith("module.") for k in ckpt["model"])  # the plain module's weights
+    assert sorted(os.listdir(tmp_path / "two")) == ["ckpt.pt", "last.pt"]
+    a = torch.load(tmp_path / "one" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "two" / "last.pt", weights_only=False)["model"]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+def test_distillation_on_two_processes_matches_one(tiny_target, tmp_path, capsys):
+    """Trajectories collected by 2 processes are the file 1 process writes; the distillation
+    losses agree; resume works under torchrun."""
+    data, target = tiny_target
+    args = lambda out, **kw: cllm_args(data, target, out, collect_batch=3, **kw)
+    train_cllm.main(args(str(tmp_path / "one")))
+    one = losses(capsys.readouterr().out)
+    log = torchrun("train_cllm.py", args(str(tmp_path / "two")))
+    two = losses(log)
+    assert "| CLLM |" in log and len(one) == len(two) == 4
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-5)
+    a = torch.load(tmp_path / "one" / "trajectories.pt", weights_only=False)
+    b = torch.load(tmp_path / "two" / "trajectories.pt", weights_only=False)
+    assert a["meta"] == b["meta"] and len(a["prompts"]) == len(b["prompts"]) == 12
+    for p, q in zip(a["prompts"], b["prompts"]):
+        assert torch.equal(p["prompt"], q["prompt"]) and torch.equal(p["answer"], q["answer"])
+        assert all(torch.equal(s, t) for s, t in zip(p["states"], q["states"]))
+    log = torchrun("train_cllm.py", args(str(tmp_path / "two"), init_from="resume", max_iters=6))
+    assert "reusing" in log and "iter 6: loss" in log and "iter 4: loss" not in log

@@ -1,0 +1,134 @@
+"""
+The training data of a CLLM: the target's Jacobi trajectories on the training prompts (paper
+section 3.2), cleaned, and saved once per target.
+
+    out_dir/trajectories.pt   {"meta": what they came from, "stats": ..., "prompts": [record]}
+    record                    {"prompt": (P,) token ids, "answer": (A,) the ground truth + EOS,
+                               "states": [(S_k, b_k) int32 per block k: y^(0) .. y*]}
+
+The target decodes the prompts in batches (jacobi.collect_trajectories). Prompts whose output
+repeats one token repeat_limit times are dropped, as the authors do: they teach collapse.
+Finished batches are saved to trajectories.partial<rank>.pt every half minute, so that a rerun
+after a kill goes on from there instead of starting again.
+"""
+
+import glob
+import hashlib
+import os
+import time
+
+import torch
+
+import distributed
+import train
+from data.common import dataset_dir, load_records, longest_run
+from jacobi import collect_trajectories
+
+SAVE_EVERY = 30.0  # seconds between saves of the finished batches
+
+
+def fingerprint(*parts):
+    """A short hash of state dicts and files: which target and tokenizer a file came from."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, dict):  # a state dict
+            for k in sorted(part):
+                h.update(k.encode())
+                h.update(part[k].detach().cpu().contiguous().numpy().tobytes())
+        elif os.path.isfile(part):
+            with open(part, "rb") as f:
+                h.update(f.read())
+        else:
+            h.update(part.encode())  # a name, e.g. of a tokenizer that is not a file (gpt2)
+    return h.hexdigest()[:16]
+
+
+def trajectory_meta(cfg, target_id):
+    """What a trajectory file must match to be reused."""
+    tokenizer = os.path.join(dataset_dir(cfg.dataset), "tokenizer.tiktoken")
+    return dict(target=target_id, dataset=cfg.dataset,
+                tokenizer=fingerprint(tokenizer if os.path.isfile(tokenizer) else "gpt2"),
+                n=cfg.n, init=cfg.init, num_prompts=cfg.num_prompts,
+                max_new_tokens=cfg.traj_max_new_tokens, repeat_limit=cfg.repeat_limit, seed=cfg.seed)
+
+
+def read(path, meta):
+    """A saved trajectory file (or partial file), checked against meta."""
+    try:
+        data = torch.load(path, weights_only=False)
+        saved = data["meta"]
+    except Exception as e:  # truncated, not a torch file, or from another version of this script
+        raise ValueError(f"{path} is not a readable trajectory file ({type(e).__name__}: {e}): "
+                         "delete it to collect the trajectories again") from None
+    diff = {k: (saved.get(k), v) for k, v in meta.items() if saved.get(k) != v}
+    if diff:
+        raise ValueError(f"{path} does not match this run (setting: (file, now)): {diff}. "
+                         f"Delete it to collect again, or use another --out_dir")
+    return data
+
+
+def collect_batch(cfg, target, enc, records, ids, first):
+    """Trajectories of the prompts ids[i] of records[i] (seed cfg.seed + first + i);
+    (kept records, dropped count)."""
+    trajs = collect_trajectories(target, ids, cfg.n, cfg.traj_max_new_tokens, enc.eot_token,
+                                 cfg.init, seeds=[cfg.seed + first + i for i in range(len(records))])
+    kept, dropped = [], 0
+    for r, prompt, blocks in zip(records, ids, trajs):
+        output = torch.cat([b.fixed_point for b in blocks]).tolist() if blocks else []
+        if longest_run(output) >= cfg.repeat_limit:
+            dropped += 1  # degenerate: a run of one token, which teaches collapse
+            continue
+        answer = enc.encode_ordinary(r["answer"]) + [enc.eot_token]
+        kept.append(dict(prompt=prompt, answer=torch.tensor(answer),
+                         states=[b.states.to(torch.int32).cpu() for b in blocks]))
+    return kept, dropped
+
+
+def load_or_collect(cfg, target, target_id, enc, world=distributed.World()):
+    """The trajectories of the target on the first num_prompts training prompts, from
+    out_dir/trajectories.pt when it matches the current target, tokenizer and settings.
+    Under torchrun each process collects every world.size-th batch; all get the whole list, and
+    rank 0 writes the same file one process would."""
+    path = os.path.join(cfg.out_dir, "trajectories.pt")
+    partial = os.path.join(cfg.out_dir, f"trajectories.partial{world.rank}.pt")
+    meta = trajectory_meta(cfg, target_id)
+    if os.path.isfile(path):
+        data = read(path, meta)
+        print(f"reusing {path}: {data['stats']}")
+        return data["prompts"]
+    say = print if world.master else lambda *a, **k: None
+    records = load_records(cfg.dataset, "train")[:cfg.num_prompts]
+    ids = train.encode_prompts(enc, records, target, cfg.traj_max_new_tokens, "cpu", "training prompts")
+    batches = {}  # first prompt of a batch: (kept records, dropped count)
+    for f in sorted(glob.glob(os.path.join(cfg.out_dir, "trajectories.partial*.pt"))):
+        batches.update(read(f, meta)["batches"])  # what a killed run had finished
+    starts = range(0, len(records), cfg.collect_batch)
+    todo = [s for s in starts if s not in batches][world.rank::world.size]  # ddp: my share
+    say(f"collecting Jacobi trajectories of the target on {len(records)} training prompts "
+          f"(n={cfg.n}, batches of {cfg.collect_batch})"
+          + (f", {len(batches)} batches already done before" if batches else ""))
+    mine = {}
+    t0 = last_save = time.time()
+    for count, first in enumerate(todo, 1):
+        chunk = slice(first, first + cfg.collect_batch)
+        mine[first] = collect_batch(cfg, target, enc, records[chunk], ids[chunk], first)
+        secs = time.time() - t0
+        n_records = sum(len(p["states"]) for kept, _ in mine.values() for p in kept)
+        say(f"collect: batches {len(batches) + count * world.size}/{len(starts)}, "
+              f"{n_records / secs:.0f} records/s, eta {(len(todo) - count) * secs / count / 60:.1f} min")
+        if time.time() - last_save > SAVE_EVERY and count < len(todo):
+            train.save_checkpoint(partial, dict(meta=meta, batches={**batches, **mine}))
+            last_save = time.time()
+    for done in distributed.all_gather(mine, world):  # ddp: every process's batches
+        batches.update(done)
+    prompts = [p for s in starts for p in batches[s][0]]
+    n_records, secs = sum(len(p["states"]) for p in prompts), time.time() - t0
+    stats = dict(prompts=len(prompts), records=n_records, dropped_prompts=sum(batches[s][1] for s in starts),
+                 seconds=round(secs, 1), records_per_s=round(n_records / max(secs, 1e-9), 1))
+    say(f"collected {stats}")
+    if world.master:
+        train.save_checkpoint(path, dict(meta=meta, stats=stats, prompts=prompts))
+    distributed.barrier(world)
+    if os.path.isfile(partial):
+        os.remove(partial)
+    return prompts
