@@ -35,7 +35,8 @@ from data.common import generation_length, load_encoding, load_meta, load_record
 from decoders import multiblock_jacobi_decode, prompt_lookup_decode
 from jacobi import greedy_decode, jacobi_decode
 from model import GPT, GPTConfig
-from train import answer_loss, decode_text, encode_prompts, load_checkpoint, setup_device
+from train import (answer_loss, check_vocabulary, decode_text, encode_prompts, load_checkpoint,
+                   setup_device)
 from trajectories import fingerprint
 
 
@@ -94,31 +95,36 @@ def decoders(ns, max_new_tokens, eos_id, blocks=0, lookup=False):
     return out
 
 
-def bench_model(model, prompts, methods, max_new_tokens, eos_id=None, warmup=2):
-    """Decode every prompt with AR and with every method, interleaved.
+def bench_models(models, prompts, methods, max_new_tokens, eos_id=None, warmup=2):
+    """Decode every prompt with every model, by AR and by every method, interleaved: a change in
+    the machine's load hits every row alike, also the AR rows of two models.
 
-    Returns {method: row}; a row holds the summed tokens and forwards, the per-prompt tokens/s
-    and seconds, the outputs, and (not AR) fast-forwarded/stationary counts and exactness.
+    Returns {model name: {method: row}}; a row holds the summed tokens and forwards, the
+    per-prompt tokens/s and seconds, the outputs, and (not AR) fast-forwarded/stationary counts
+    and exactness.
     """
-    device = next(model.parameters()).device
-    rows = {"AR": dict(tokens=0, forwards=0, tps=[], secs=[], outputs=[])}
-    for name in methods:
-        rows[name] = dict(tokens=0, forwards=0, tps=[], secs=[], outputs=[], fast_forwarded=0,
-                          stationary=0, exact=0, speedups=[])
+    device = next(next(iter(models.values())).parameters()).device
+    rows = {}
+    for model_name in models:
+        rows[model_name] = {"AR": dict(tokens=0, forwards=0, tps=[], secs=[], outputs=[])}
+        for name in methods:
+            rows[model_name][name] = dict(tokens=0, forwards=0, tps=[], secs=[], outputs=[],
+                                          fast_forwarded=0, stationary=0, exact=0, speedups=[])
     for i, prompt in enumerate([*prompts[:warmup], *prompts]):
         counted = i >= warmup
-        greedy, secs = timed(lambda: greedy_decode(model, prompt, max_new_tokens, eos_id), device)
-        if counted:
-            _add(rows["AR"], greedy, len(greedy), secs)
-        for name, decode in methods.items():
-            (tokens, stats), msecs = timed(lambda: decode(model, prompt), device)
-            if counted:  # (the statistics are computed here, after the timed call)
-                row = rows[name]
-                _add(row, tokens, stats.forwards, msecs)
-                row["fast_forwarded"] += stats.fast_forwarded
-                row["stationary"] += stats.stationary
-                row["exact"] += int(torch.equal(tokens, greedy))
-                row["speedups"].append(secs / msecs)
+        for model_name, model in models.items():
+            greedy, secs = timed(lambda: greedy_decode(model, prompt, max_new_tokens, eos_id), device)
+            if counted:
+                _add(rows[model_name]["AR"], greedy, len(greedy), secs)
+            for name, decode in methods.items():
+                (tokens, stats), msecs = timed(lambda: decode(model, prompt), device)
+                if counted:  # (the statistics are computed here, after the timed call)
+                    row = rows[model_name][name]
+                    _add(row, tokens, stats.forwards, msecs)
+                    row["fast_forwarded"] += stats.fast_forwarded
+                    row["stationary"] += stats.stationary
+                    row["exact"] += int(torch.equal(tokens, greedy))
+                    row["speedups"].append(secs / msecs)
     return rows
 
 
@@ -151,12 +157,11 @@ def measure(models, prompts, methods, max_new_tokens, eos_id=None, warmup=2, qua
     """{model name: {method: summary}} for several models on the same prompts.
     quality(model, outputs) -> dict of quality numbers, added to every method of the model (the
     outputs are AR's; the other methods' are the same where 'exact' says so)."""
-    results = {}
-    for name, model in models.items():
-        rows = bench_model(model, prompts, methods, max_new_tokens, eos_id, warmup)
-        results[name] = summarize(rows)
-        if quality is not None:
-            q = quality(model, rows["AR"]["outputs"])
+    rows = bench_models(models, prompts, methods, max_new_tokens, eos_id, warmup)
+    results = {name: summarize(r) for name, r in rows.items()}
+    if quality is not None:
+        for name, model in models.items():
+            q = quality(model, rows[name]["AR"]["outputs"])
             for summary in results[name].values():
                 summary.update(q)
     return results
@@ -191,8 +196,9 @@ def quality_problems(point, base, tolerance=QUALITY_TOLERANCE):
 
 
 def verdict(results, tolerance=QUALITY_TOLERANCE):
-    """One line per model under the table: does its fastest method pay here, at what quality, and
-    if it does not, the likely reason and what to try. A CLLM is judged against the target."""
+    """One line per model under the table: does its fastest method pay on this machine, at what
+    quality, and if it does not, the likely reason and what to try. A CLLM is judged against its
+    target."""
     base = results.get("target", {}).get("AR")
     lines = []
     for model_name, methods in results.items():
@@ -208,7 +214,7 @@ def verdict(results, tolerance=QUALITY_TOLERANCE):
             lines.append(f"{head}, but quality fell ({'; '.join(problems)}): NOT a usable speedup. "
                          "Use an earlier checkpoint, a higher ar_weight or a lower learning_rate")
         elif best["speedup"] > 1:
-            lines.append(f"{head}, quality kept: Jacobi decoding pays here")
+            lines.append(f"{head}, quality kept: it pays here")
         else:
             reason = (f"{best['tokens_per_forward']:.2f} tokens/forward does not pay for a forward pass "
                       f"that costs {best['forward_cost']:.2f}x one of AR's")
@@ -267,7 +273,9 @@ def held_out_comparison(models, enc, records, metric, methods, max_new_tokens, d
 
 def trained_models(cfg, device):
     """The CLLM and its target (or a lone target), the checkpoint's dataset and block size."""
-    model, ckpt = load_checkpoint(os.path.join(cfg.cllm_dir, "ckpt.pt"), device)
+    path = os.path.join(cfg.cllm_dir, "ckpt.pt")
+    model, ckpt = load_checkpoint(path, device)
+    check_vocabulary(model, load_meta(ckpt["dataset"]), path)
     models = {"target": model}
     if ckpt.get("kind") == "cllm":
         target_path = os.path.join(ckpt["config"]["target_dir"], "ckpt.pt")

@@ -130,6 +130,7 @@ def main(argv):
                                 "--out_dir/--ckpt at one")
     model, ckpt = train.load_checkpoint(path, device)
     dataset = ckpt["dataset"]
+    train.check_vocabulary(model, load_meta(dataset), path)
     enc = load_encoding(dataset)
     models = [("model", model)]
     target_dir = ckpt["config"].get("target_dir")

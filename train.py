@@ -141,6 +141,14 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device).eval(), checkpoint
 
 
+def check_vocabulary(model, meta, path):
+    """A model decodes only the dataset whose tokenizer it was trained with."""
+    if model.config.vocab_size != meta["vocab_size"]:
+        raise ValueError(f"{path} has a vocabulary of {model.config.vocab_size} tokens, but dataset "
+                         f"{meta['name']!r} has {meta['vocab_size']}: the dataset was prepared again "
+                         "since, or the checkpoint belongs to another one; train the model again")
+
+
 def refuse_to_overwrite(out_dir, init_from):
     """Starting afresh in a folder that holds a run would lose it: say what to do instead."""
     last = os.path.join(out_dir, "last.pt")

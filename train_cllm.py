@@ -38,6 +38,7 @@ from bench import (QUALITY_TOLERANCE, REPEAT_LIMIT, decoders, environment, held_
 from configurator import configure, run
 from data.common import (dataset_dir, generation_length, load_encoding, load_meta, load_records,
                          longest_run, score)
+from decoders import multiblock_jacobi_decode
 from jacobi import jacobi_decode
 from trajectories import fingerprint, load_or_collect
 
@@ -87,8 +88,9 @@ class CLLMConfig:
     guard_patience: int = 3          # stop after this many unacceptable evaluations in a row (0: never)
     max_new_tokens: int = 0          # 0: from the data (data/common.generation_length)
     final_prompts: int = 500         # held-out (test) prompts for the final table
-    final_blocks: int = 0            # the table also has multi-block Jacobi over this many blocks
-    final_lookup: bool = False       # ... and prompt-lookup decoding
+    blocks: int = 2                  # multi-block Jacobi (decoders.py) over this many blocks of n,
+                                     # measured at every eval and in the table (0: plain Jacobi only)
+    lookup: bool = True              # the table also has prompt lookup, the training-free peer
     log_interval: int = 25
     device: str = "auto"
     compile: bool = False
@@ -342,17 +344,23 @@ def choose_states(records, cfg, generator):
 
 @torch.no_grad()
 def evaluate(model, enc, prompts, records, cfg, metric, max_new_tokens, device):
-    """Jacobi-decode held-out prompts: tokens per forward, the task's quality (None where there is
-    none), the share of outputs that repeat one token, and the answer loss (every dataset has it)."""
+    """Jacobi-decode held-out prompts: tokens per forward (and with multi-block Jacobi), the task's
+    quality (None where there is none), the share of outputs that repeat one token, and the answer
+    loss (every dataset has it)."""
     model.eval()
-    tokens = forwards = repeated = 0
+    tokens = forwards = mb_forwards = repeated = 0
     scores = []
     for p, r in zip(prompts, records):
         out, stats = jacobi_decode(model, p, max_new_tokens, cfg.n, enc.eot_token, cfg.init)
         tokens, forwards = tokens + stats.tokens, forwards + stats.forwards
+        if cfg.blocks:  # the same tokens (exactness), in fewer passes
+            mb_forwards += multiblock_jacobi_decode(model, p, max_new_tokens, cfg.n, cfg.blocks,
+                                                    enc.eot_token, cfg.init)[1].forwards
         repeated += longest_run(out.tolist()) >= cfg.repeat_limit
         scores.append(score(metric, r, train.decode_text(enc, out)))
-    return dict(tokens_per_forward=tokens / max(forwards, 1), repeated=repeated / max(len(records), 1),
+    return dict(tokens_per_forward=tokens / max(forwards, 1),
+                multiblock_tokens_per_forward=tokens / max(mb_forwards, 1) if cfg.blocks else None,
+                repeated=repeated / max(len(records), 1),
                 quality=sum(scores) / len(scores) if scores and scores[0] is not None else None,
                 answer_loss=train.answer_loss(model, enc, records, max_new_tokens, device))
 
@@ -404,6 +412,7 @@ def main(argv):
     if target_ckpt.get("dataset") not in (None, cfg.dataset):
         raise ValueError(f"the target in {cfg.target_dir} was trained on {target_ckpt['dataset']!r}, "
                          f"not {cfg.dataset!r}: set --dataset or --target_dir")
+    train.check_vocabulary(target, meta, os.path.join(cfg.target_dir, "ckpt.pt"))
     context = target.config.block_size
     cfg = replace(cfg, max_new_tokens=cfg.max_new_tokens or generation_length(meta, context),
                   traj_max_new_tokens=cfg.traj_max_new_tokens or generation_length(meta, context))
@@ -451,7 +460,8 @@ def main(argv):
             curve.append(dict(iter=iter_num, train_minutes=round(train_secs / 60, 2), **e))
             best, problems, stop = guard(curve, tolerance, cfg.guard_patience)
             q = f"{meta['metric']} {e['quality']:.3f}, " if e["quality"] is not None else ""
-            print(f"eval iter {iter_num}: tokens/forward {e['tokens_per_forward']:.2f}, {q}answer loss "
+            mb = f" ({e['multiblock_tokens_per_forward']:.2f} multi-block)" if cfg.blocks else ""
+            print(f"eval iter {iter_num}: tokens/forward {e['tokens_per_forward']:.2f}{mb}, {q}answer loss "
                   f"{e['answer_loss']:.4f}, repetitive {e['repeated']:.0%} on {len(eval_records)} val "
                   f"prompts ({time.time() - t:.1f}s): "
                   + (f"outside the quality tolerance ({'; '.join(problems)})" if problems else
@@ -534,13 +544,14 @@ def report(cfg, target, enc, meta, curve, stopped, tolerance, max_new_tokens, de
     if test_records:
         print(f"held-out comparison on {len(test_records)} test prompts "
               f"({environment(device)['device']}, {torch.get_num_threads()} threads):")
-        methods = decoders([cfg.n], max_new_tokens, enc.eot_token, cfg.final_blocks, cfg.final_lookup)
+        methods = decoders([cfg.n], max_new_tokens, enc.eot_token, cfg.blocks, cfg.lookup)
         results, text = held_out_comparison({"target": target, "CLLM": model}, enc, test_records,
                                             meta["metric"], methods, max_new_tokens, device,
                                             tolerance=tolerance)
         print(text)
     print("training curve (val prompts): " + ", ".join(
         f"{c['train_minutes']:.1f} min: {c['tokens_per_forward']:.2f} tok/fwd"
+        + (f" ({c['multiblock_tokens_per_forward']:.2f} multi-block)" if c.get("multiblock_tokens_per_forward") else "")
         + (f", {c['quality']:.3f}" if c["quality"] is not None else "")
         + f", loss {c['answer_loss']:.3f}" for c in curve))
     with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:

@@ -91,7 +91,11 @@ def prepare(argv=()):
     if is_prepared(cfg.name, settings):
         print(f"data/{cfg.name} is already prepared from {cfg.input}")
         return
-    records = read_jsonl(cfg.input) if cfg.input.endswith(".jsonl") else read_text(cfg.input)
+    try:
+        records = read_jsonl(cfg.input) if cfg.input.endswith(".jsonl") else read_text(cfg.input)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{cfg.input} is not UTF-8 text ({e.reason} at byte {e.start}): convert it "
+                         f"first, e.g. iconv -f latin1 -t utf-8 {cfg.input} > utf8.txt") from None
     if len(records) < 3:
         raise ValueError(f"{cfg.input}: {len(records)} usable records; at least 3 are needed "
                          "(train, val and test)" + ("" if cfg.input.endswith(".jsonl") else
