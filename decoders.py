@@ -15,7 +15,7 @@ Both return (tokens, JacobiStats) like jacobi_decode; only forwards and accepted
 
 import torch
 
-from jacobi import JacobiStats, accept, check_inputs, initial_guess
+from jacobi import JacobiStats, accept, check_inputs, initial_guess, seeded
 
 
 def lookup_draft(tokens, ngram, length):
@@ -46,11 +46,12 @@ def prompt_lookup_decode(model, idx, max_new_tokens, eos_id=None, ngram=3, draft
     while done < P + budget and not stop:
         draft = lookup_draft(text, ngram, min(draft_len, P + budget - done - 1))
         end = done + len(draft)  # the inputs are seq[cached:end]; outputs predict seq[done:end + 1]
-        seq[done:end] = torch.tensor(draft, dtype=torch.long)
+        seq[done:end] = torch.tensor(draft, dtype=torch.long)  # (an upload from the host)
         logits, _ = model(seq[cached:end][None], input_pos=range(cached, end), cache=cache)
-        outputs = logits[0, done - 1 - cached:].argmax(-1).tolist()  # the pass's one device read
+        y_next = logits[0, done - 1 - cached:].argmax(-1)
+        outputs = y_next.tolist()  # the pass's device read
         accepted, stop = accept(outputs, draft + [None], eos_id)
-        seq[done:done + accepted] = torch.tensor(outputs[:accepted], dtype=torch.long)
+        seq[done:done + accepted] = y_next[:accepted]
         text += outputs[:accepted]
         stats.accepted.append(accepted)
         done += accepted
@@ -73,7 +74,7 @@ def multiblock_jacobi_decode(model, idx, max_new_tokens, n=16, blocks=2, eos_id=
     refined from an unconverged past: what Jacobi Forcing's noisy-stream training is for.
     """
     prompt, budget = check_inputs(model, idx, max_new_tokens, n)
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded(seed, prompt.device)
     P = len(prompt)
     seq = torch.cat([prompt, prompt.new_zeros(budget)])
     stats, cache = JacobiStats(seq=seq), model.make_cache()

@@ -91,7 +91,8 @@ def check_inputs(model, idx, max_new_tokens, n=1):
     if P > cfg.block_size:
         raise ValueError(f"the prompt has {P} tokens but the model's context is {cfg.block_size}: "
                          f"keep its last tokens, e.g. idx[-{cfg.block_size // 2}:]")
-    if idx.min() < 0 or idx.max() >= cfg.vocab_size:
+    low, high = torch.stack([idx.min(), idx.max()]).tolist()  # one device read
+    if low < 0 or high >= cfg.vocab_size:
         raise ValueError(f"the prompt has token ids outside the vocabulary [0, {cfg.vocab_size})")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"the block size n must be an integer >= 1, got {n!r}")
@@ -108,14 +109,20 @@ def initial_guess(prefix, n, init, generator):
 
     "prefix": n tokens drawn uniformly, with replacement, from the prefix (the paper's choice;
     use the same one in trajectory collection, training and inference). "repeat": the last token
-    n times. The draws come from a host generator, so a seed gives the same guesses on any device.
+    n times. The generator lives on the prefix's device (see seeded), so drawing costs no sync.
     """
     if init == "prefix":
-        picks = torch.randint(len(prefix), (n,), generator=generator).to(prefix.device)
+        picks = torch.randint(len(prefix), (n,), generator=generator, device=prefix.device)
         return prefix[picks]
     if init == "repeat":
         return prefix[-1:].repeat(n)
     raise ValueError(f"unknown init {init!r}: use 'prefix' or 'repeat'")
+
+
+def seeded(seed, device):
+    """A random generator on the device the guesses are drawn on. A seed gives the same guesses
+    on every run on one kind of device; a GPU's generator draws other numbers than a CPU's."""
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def accept(y_next, guess, eos_id=None):
@@ -196,7 +203,7 @@ def jacobi_decode_reference(model, idx, max_new_tokens, n=16, eos_id=None, init=
     Slow and obviously correct; the oracle of the tests. Returns (new tokens, [BlockTrajectory]).
     """
     prompt, budget = check_inputs(model, idx, max_new_tokens, n)
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded(seed, prompt.device)
     seq, trajectory = prompt, []
     while len(seq) - len(prompt) < budget:
         b = min(n, budget - (len(seq) - len(prompt)))
@@ -242,7 +249,7 @@ def jacobi_decode(model, idx, max_new_tokens, n=16, eos_id=None, init="prefix", 
     guess that stood at its position, so the next pass runs it again.
     """
     prompt, budget = check_inputs(model, idx, max_new_tokens, n)
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded(seed, prompt.device)
     P = len(prompt)
     seq = torch.cat([prompt, prompt.new_zeros(budget)])  # prompt, then the tokens to come
     stats = JacobiStats(seq=seq)
@@ -287,7 +294,7 @@ def collect_trajectories(model, prompts, n, max_new_tokens, eos_id=None, init="p
     """
     device, context = next(model.parameters()).device, model.config.block_size
     seeds = seeds if seeds is not None else [0] * len(prompts)
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    generators = [seeded(s, device) for s in seeds]
     seqs = [p.to(device) for p in prompts]
     budgets = [min(max_new_tokens, context - len(p)) for p in prompts]
     trajectories = [[] for _ in prompts]

@@ -537,8 +537,8 @@ def report(cfg, target, enc, meta, curve, stopped, tolerance, max_new_tokens, de
     best = next(c for c in curve if c["iter"] == chosen["iter_num"])
     print(f"\nthe CLLM is ckpt.pt, iteration {chosen['iter_num']}: the most tokens/forward on the val "
           f"prompts ({best['tokens_per_forward']:.2f}) of the evaluations within the quality tolerance"
-          + (" -- none of the distilled ones was: no acceptable CLLM was found, this is the target "
-             "itself" if chosen["iter_num"] == 0 else "") + (f"; {stopped}" if stopped else ""))
+          + (": no distilled model beat the target within the tolerance, so the 'CLLM' below is the "
+             "target itself" if chosen["iter_num"] == 0 else "") + (f"; {stopped}" if stopped else ""))
     test_records = load_records(cfg.dataset, "test")[:cfg.final_prompts]
     results, text = {}, ""
     if test_records:

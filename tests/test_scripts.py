@@ -72,3 +72,22 @@ def test_bench_trained_and_random(tiny_cllm, tmp_path, capsys):
     bench.main(["--random", "--num_prompts=2", "--max_new_tokens=6", "--ns=[4]", "--warmup=0",
                 f"--json_out={out}"])
     assert "| random | Jacobi n=4 |" in capsys.readouterr().out
+
+
+def test_gpu_run_script_smoke(tmp_path):
+    """scripts/gpu_run.sh --smoke: the GPU run's every step at toy sizes on the CPU, so that the
+    script cannot rot between the sessions that have a GPU."""
+    import os
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "run"
+    done = subprocess.run(["bash", os.path.join(root, "scripts", "gpu_run.sh"), "--smoke", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = (out / "log.txt").read_text()
+    for step in ("=== data:", "=== target:", "=== cllm:", "=== bench float32:", "=== bench bfloat16:"):
+        assert step in log
+    for f in ("cllm_results.json", "bench_float32.json", "bench_bfloat16.json"):
+        results = json.loads((out / f).read_text())["results"]
+        assert "CLLM" in results
+    assert json.loads((out / "bench_float32.json").read_text())["results"]["CLLM"]["Jacobi n=16"]["exact"] == "4/4"
