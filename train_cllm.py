@@ -85,7 +85,8 @@ class CLLMConfig:
     max_loss_rise: float = QUALITY_TOLERANCE["answer_loss"]  # an evaluation is acceptable when its
     max_quality_drop: float = QUALITY_TOLERANCE["quality"]   # val answer loss, task quality and
     max_repeat_rise: float = QUALITY_TOLERANCE["repeated"]   # repetition are this close to the target's
-    guard_patience: int = 3          # stop after this many unacceptable evaluations in a row (0: never)
+    guard_patience: int = 3          # stop after this many unacceptable evaluations in a row with
+                                     # no fall of the answer loss (0: never)
     max_new_tokens: int = 0          # 0: from the data (data/common.generation_length)
     final_prompts: int = 500         # held-out (test) prompts for the final table
     blocks: int = 2                  # multi-block Jacobi (decoders.py) over this many blocks of n,
@@ -368,12 +369,14 @@ def evaluate(model, enc, prompts, records, cfg, metric, max_new_tokens, device):
 def guard(curve, tolerance, patience):
     """Read the curve of evaluations (curve[0]: the target itself). A point is acceptable when its
     quality is within the tolerance of the target's (bench.quality_problems). Returns (the index
-    of the best acceptable point: most tokens/forward, the problems of the last point, whether the
-    last `patience` points were all unacceptable: a collapse, time to stop)."""
+    of the best acceptable point: most tokens/forward, the problems of the last point, whether to
+    stop: the last `patience` points were all unacceptable and the answer loss did not fall over
+    them, a collapse rather than the dip that distillation often makes early and then recovers)."""
     problems = [quality_problems(point, curve[0], tolerance) for point in curve]
     best = max((i for i, p in enumerate(problems) if not p), key=lambda i: curve[i]["tokens_per_forward"])
-    bad_run = len(problems) - max(i for i, p in enumerate(problems) if not p) - 1
-    return best, problems[-1], patience > 0 and bad_run >= patience
+    bad = curve[max(i for i, p in enumerate(problems) if not p) + 1:]  # unacceptable, in a row
+    stop = 0 < patience <= len(bad) and bad[-1]["answer_loss"] >= bad[-patience]["answer_loss"]
+    return best, problems[-1], stop
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,9 +480,9 @@ def main(argv):
             if best == len(curve) - 1:
                 train.save_checkpoint(best_path, state)
             if stop:
-                stopped = (f"stopped at iteration {iter_num}: the last {cfg.guard_patience} evaluations "
-                           "were all outside the quality tolerance, a collapse; raise ar_weight or lower "
-                           "learning_rate")
+                stopped = (f"stopped at iteration {iter_num}: {cfg.guard_patience} evaluations in a row "
+                           "outside the quality tolerance and no better, a collapse; raise ar_weight "
+                           "or lower learning_rate")
                 print(stopped)
         stopped = distributed.all_gather(stopped, world)[0]  # ddp: rank 0 decides
 

@@ -266,3 +266,61 @@ def test_bad_settings(tiny_target, tmp_path):
         train_cllm.main(cllm_args(data, target, str(tmp_path), consistency="both"))
     with pytest.raises(FileNotFoundError, match="is not prepared"):
         train_cllm.main([f"--dataset={tmp_path / 'nodata'}"])
+
+
+# ----------------------------------------------------------------------------------------------
+# the quality guard and the verdict
+
+TOLERANCE = dict(answer_loss=0.05, quality=0.05, repeated=0.05)
+
+
+def point(tpf, loss, quality=None, repeated=0.0):
+    return dict(tokens_per_forward=tpf, answer_loss=loss, quality=quality, repeated=repeated)
+
+
+def test_guard_keeps_the_best_acceptable_point_and_stops_a_collapse():
+    # a text run: tokens/forward soars while the answer loss climbs and the outputs repeat
+    curve = [point(1.0, 4.10), point(1.8, 4.13), point(2.4, 4.14, repeated=0.20), point(4.9, 4.30, repeated=0.9),
+             point(5.8, 4.45, repeated=0.9), point(5.9, 4.58, repeated=0.94)]
+    verdicts = [train_cllm.guard(curve[:k], TOLERANCE, patience=3) for k in range(1, len(curve) + 1)]
+    assert [v[0] for v in verdicts] == [0, 1, 1, 1, 1, 1]  # 2.4 repeats too much, the rest loses quality
+    assert [v[2] for v in verdicts] == [False] * 4 + [True] * 2  # three bad in a row, loss rising
+    assert "answer loss 4.580 vs the target's 4.100" in verdicts[-1][1][0]
+
+
+def test_guard_waits_out_a_dip_that_recovers():
+    # arith: accuracy dips early, the answer loss falls back as the learning rate decays
+    curve = [point(1.1, 0.023, 0.78), point(1.4, 0.129, 0.24), point(1.8, 0.073, 0.50),
+             point(1.9, 0.056, 0.50), point(2.3, 0.045, 0.48), point(4.1, 0.030, 0.80)]
+    best, problems, stop = train_cllm.guard(curve, TOLERANCE, patience=3)
+    assert best == 5 and problems == [] and not stop
+    assert not any(train_cllm.guard(curve[:k], TOLERANCE, 3)[2] for k in range(1, 6))
+
+
+def test_verdict_of_a_faster_but_worse_model():
+    from bench import markdown_table, verdict
+    row = lambda tpf, speedup, loss, rep: dict(tokens_per_forward=tpf, tokens_per_s=1.0, speedup=speedup,
+                                              exact="9/9", forward_cost=1.4, quality=None,
+                                              answer_loss=loss, repeated=rep)
+    results = {"target": {"AR": row(1.0, 1.0, 4.129, 0.02), "Jacobi n=16": row(1.01, 0.70, 4.129, 0.02)},
+               "CLLM": {"AR": row(1.0, 1.0, 4.584, 0.60), "Jacobi n=16": row(4.93, 3.62, 4.584, 0.60)}}
+    lines = verdict(results, TOLERANCE)
+    assert lines[1].startswith("CLLM Jacobi n=16: 3.62x its own AR at 4.93 tokens/forward, but quality fell")
+    assert "NOT a usable speedup" in lines[1]
+    assert "does not pay on this machine" in lines[0] and "answer loss 4.13" in lines[0]
+    table = markdown_table(results, None, TOLERANCE)
+    assert table.count("(quality fell)") == 2  # both CLLM rows, none of the target's
+
+
+def test_a_collapsing_run_says_so_instead_of_reporting_a_speedup(tiny_target, tmp_path, capsys):
+    """An absurd learning rate wrecks the model at once: the guard stops the run, and the table
+    is made with the last acceptable model, the target itself."""
+    data, target = tiny_target
+    results = train_cllm.main(cllm_args(data, target, str(tmp_path / "cllm"), learning_rate=3.0,
+                                        min_lr=3.0, max_iters=12, eval_interval=2, guard_patience=2,
+                                        eval_prompts=4))
+    log = capsys.readouterr().out
+    assert "stopped at iteration" in log and "a collapse" in log
+    assert "no distilled model beat the target within the tolerance" in log
+    assert "iter 12: loss" not in log
+    assert results["CLLM"]["AR"]["answer_loss"] == results["target"]["AR"]["answer_loss"]
