@@ -82,14 +82,16 @@ def timed(fn, device):
     return out, time.perf_counter() - t0
 
 
-def decoders(ns, max_new_tokens, eos_id, blocks=0, lookup=False):
+def methods_for(ns, max_new_tokens, eos_id, blocks=0, lookup=False, init="prefix"):
     """{method name: decode(model, prompt) -> (tokens, stats)}: Jacobi at each n, and optionally
-    multi-block Jacobi (at the first n) and prompt lookup."""
-    out = {f"Jacobi n={n}": partial(jacobi_decode, max_new_tokens=max_new_tokens, n=n, eos_id=eos_id)
-           for n in ns}
+    multi-block Jacobi (at the first n) and prompt lookup. init: the initial guess (the one the
+    CLLM was trained with)."""
+    out = {f"Jacobi n={n}": partial(jacobi_decode, max_new_tokens=max_new_tokens, n=n, eos_id=eos_id,
+                                    init=init) for n in ns}
     if blocks:
         out[f"multi-block {blocks}x{ns[0]}"] = partial(
-            multiblock_jacobi_decode, max_new_tokens=max_new_tokens, n=ns[0], blocks=blocks, eos_id=eos_id)
+            multiblock_jacobi_decode, max_new_tokens=max_new_tokens, n=ns[0], blocks=blocks,
+            eos_id=eos_id, init=init)
     if lookup:
         out["prompt lookup"] = partial(prompt_lookup_decode, max_new_tokens=max_new_tokens, eos_id=eos_id)
     return out
@@ -122,7 +124,10 @@ def bench_models(models, prompts, methods, max_new_tokens, eos_id=None, warmup=2
                     row = rows[model_name][name]
                     _add(row, tokens, stats.forwards, msecs)
                     row["fast_forwarded"] += stats.fast_forwarded
-                    row["stationary"] += stats.stationary
+                    if row["stationary"] is not None and stats.passes:  # blocks: jacobi_decode's
+                        row["stationary"] += stats.stationary
+                    else:
+                        row["stationary"] = None
                     row["exact"] += int(torch.equal(tokens, greedy))
                     row["speedups"].append(secs / msecs)
     return rows
@@ -243,7 +248,8 @@ def markdown_table(results, quality_name=None, tolerance=QUALITY_TOLERANCE):
                 line += f" {s['quality']:.3f} |" if s.get("quality") is not None else " - |"
             if base:
                 line += f" {s['answer_loss']:.4f}{' (quality fell)' if fell else ''} | {s['repeated']:.0%} |"
-            line += f" {s.get('fast_forwarded', '-')} | {s.get('stationary', '-')} |"
+            stationary = s.get("stationary")
+            line += f" {s.get('fast_forwarded', '-')} | {'-' if stationary is None else stationary} |"
             lines.append(line)
     return "\n".join(lines)
 
@@ -272,7 +278,8 @@ def held_out_comparison(models, enc, records, metric, methods, max_new_tokens, d
 
 
 def trained_models(cfg, device):
-    """The CLLM and its target (or a lone target), the checkpoint's dataset and block size."""
+    """The CLLM and its target (or a lone target), the checkpoint's dataset and settings, and the
+    quality tolerance it was distilled with."""
     path = os.path.join(cfg.cllm_dir, "ckpt.pt")
     model, ckpt = load_checkpoint(path, device)
     check_vocabulary(model, load_meta(ckpt["dataset"]), path)
@@ -286,7 +293,7 @@ def trained_models(cfg, device):
         models = {"target": target, "CLLM": model}
     tolerance = {k: ckpt["config"].get(key, v) for (k, v), key in
                  zip(QUALITY_TOLERANCE.items(), ("max_loss_rise", "max_quality_drop", "max_repeat_rise"))}
-    return models, ckpt["dataset"], ckpt["config"].get("n", 16), tolerance
+    return models, ckpt["dataset"], ckpt["config"], tolerance
 
 
 def main(argv):
@@ -305,18 +312,19 @@ def main(argv):
         print(f"random model, {models['random'].num_params() / 1e6:.2f}M parameters, "
               f"{len(prompts)} random {RANDOM_PROMPT_LEN}-token prompts\n{env}")
         max_new_tokens = cfg.max_new_tokens or 128
-        methods = decoders(cfg.ns or RANDOM_NS, max_new_tokens, None, cfg.blocks, cfg.lookup)
+        methods = methods_for(cfg.ns or RANDOM_NS, max_new_tokens, None, cfg.blocks, cfg.lookup)
         results = measure(models, prompts, methods, max_new_tokens, None, cfg.warmup)
         text = markdown_table(results)
     else:
-        models, dataset, n, tolerance = trained_models(cfg, device)
+        models, dataset, trained, tolerance = trained_models(cfg, device)
         models = {k: m.to(dtype) for k, m in models.items()}
         meta, enc = load_meta(dataset), load_encoding(dataset)
         records = load_records(dataset, "test")[:cfg.num_prompts]
         context = next(iter(models.values())).config.block_size
         max_new_tokens = cfg.max_new_tokens or generation_length(meta, context)
         print(f"{', '.join(models)} on {len(records)} held-out prompts of {dataset}\n{env}")
-        methods = decoders(cfg.ns or [n], max_new_tokens, enc.eot_token, cfg.blocks, cfg.lookup)
+        methods = methods_for(cfg.ns or [trained.get("n", 16)], max_new_tokens, enc.eot_token,
+                              cfg.blocks, cfg.lookup, trained.get("init", "prefix"))
         results, text = held_out_comparison(models, enc, records, meta["metric"], methods,
                                             max_new_tokens, device, cfg.warmup, tolerance)
     print(text)

@@ -10,7 +10,8 @@ their output is greedy_decode's, token for token; tests/test_decoders.py fuzzes 
                               being decoded are refined in the same passes (Jacobi Forcing's
                               multi-block decoding)
 
-Both return (tokens, JacobiStats) like jacobi_decode; only forwards and accepted are filled in.
+Both return (tokens, JacobiStats) like jacobi_decode, with forwards, accepted and seq filled in
+(no blocks: no trajectory, no stationary tokens).
 """
 
 import torch
@@ -74,6 +75,8 @@ def multiblock_jacobi_decode(model, idx, max_new_tokens, n=16, blocks=2, eos_id=
     refined from an unconverged past: what Jacobi Forcing's noisy-stream training is for.
     """
     prompt, budget = check_inputs(model, idx, max_new_tokens, n)
+    if not isinstance(blocks, int) or blocks < 1:
+        raise ValueError(f"blocks must be an integer >= 1, got {blocks!r}")
     generator = seeded(seed, prompt.device)
     P = len(prompt)
     seq = torch.cat([prompt, prompt.new_zeros(budget)])

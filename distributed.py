@@ -14,6 +14,7 @@ What the scripts do with it (the lines marked `# ddp`):
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -41,7 +42,8 @@ def init(device):
     if device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # rank 0 evaluates while the others wait in a collective: give it time
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1))
     return world, device
 
 

@@ -68,7 +68,8 @@ class JacobiStats:
 
     @property
     def stationary(self):
-        """Tokens that were stationary in some state (see stationary_tokens), over all blocks."""
+        """Tokens that were stationary in some state (see stationary_tokens), over all blocks
+        (0 for a decoder that records no blocks)."""
         return sum(int(stationary_tokens(b.states).any(0).sum()) for b in self.trajectory)
 
 
@@ -85,6 +86,9 @@ def check_inputs(model, idx, max_new_tokens, n=1):
         raise ValueError(f"the prompt must be a 1-D LongTensor of token ids, got {tuple(idx.shape)} "
                          f"{idx.dtype}")
     P, cfg = idx.numel(), model.config
+    if idx.device != model.lm_head.weight.device:
+        raise ValueError(f"the prompt is on {idx.device} but the model on {model.lm_head.weight.device}: "
+                         "move the prompt there (idx.to(device))")
     if P == 0:
         raise ValueError("the prompt is empty: give at least one token to condition on "
                          "(an empty text can be encoded as the end-of-text token)")
@@ -329,7 +333,7 @@ def collect_trajectories(model, prompts, n, max_new_tokens, eos_id=None, init="p
                 states[r].append(y[r, :sizes[r]].clone())
             if converged.all():
                 break
-        assert converged.all(), "a Jacobi block did not converge in n iterations"
+        assert converged.all(), "a Jacobi block did not converge in n + 1 iterations"
         keep = []
         for r, i in enumerate(active):
             fixed = y[r, :sizes[r]]

@@ -183,6 +183,7 @@ class GPT(nn.Module):
             assert cache is None, "decoding with a cache needs input_pos (the absolute positions)"
             input_pos = range(T)
         if isinstance(input_pos, range):
+            assert len(input_pos) == T > 0, f"{len(input_pos)} positions for {T} tokens"
             last = input_pos[-1]
             pos = torch.arange(input_pos.start, input_pos.stop, device=idx.device)
         else:

@@ -137,7 +137,7 @@ def main(argv):
     if cfg.show and ckpt.get("kind") == "cllm" and os.path.isfile(os.path.join(target_dir, "ckpt.pt")):
         models = [("target", train.load_checkpoint(os.path.join(target_dir, "ckpt.pt"), device)[0]),
                   ("CLLM", model)]
-    n = cfg.n
+    n, init = cfg.n, ckpt["config"].get("init", "prefix")  # the initial guess it was trained with
     if (cfg.jacobi or cfg.show or cfg.compare) and ckpt["config"].get("n", n) != n:
         print(f"note: this CLLM was distilled with n={ckpt['config']['n']}; --n={ckpt['config']['n']} "
               "decodes the way it was trained")
@@ -155,7 +155,7 @@ def main(argv):
             if cfg.compare:
                 ar, ar_secs = timed(lambda: greedy_decode(m, prompt, max_new_tokens, enc.eot_token), device)
                 (jt, stats), j_secs = timed(lambda: jacobi_decode(
-                    m, prompt, max_new_tokens, n, enc.eot_token, seed=cfg.seed), device)
+                    m, prompt, max_new_tokens, n, enc.eot_token, init, cfg.seed), device)
                 print(train.decode_text(enc, ar))
                 print(f"AR:     {stats_line(len(ar), len(ar), ar_secs)}")
                 print(f"Jacobi: {stats_line(stats.tokens, stats.forwards, j_secs)}")
@@ -166,7 +166,7 @@ def main(argv):
                           f"bf16/fp16 can flip near-ties) !!!\nJacobi: {train.decode_text(enc, jt)!r}")
             elif cfg.jacobi or cfg.show:
                 (tokens, stats), secs = timed(lambda: jacobi_decode(
-                    m, prompt, max_new_tokens, n, enc.eot_token, seed=cfg.seed), device)
+                    m, prompt, max_new_tokens, n, enc.eot_token, init, cfg.seed), device)
                 if cfg.show:
                     print(f"--- {name}: Jacobi decoding, n={n} ---")
                     show_trajectory(enc, stats, colour)

@@ -150,13 +150,17 @@ def check_vocabulary(model, meta, path):
 
 
 def refuse_to_overwrite(out_dir, init_from):
-    """Starting afresh in a folder that holds a run would lose it: say what to do instead."""
-    last = os.path.join(out_dir, "last.pt")
-    if init_from != "resume" and os.path.isfile(last):
-        it = read_checkpoint(last)["iter_num"]
-        raise ValueError(f"{out_dir} already holds a run (last.pt at iteration {it}): continue it with "
-                         "--init_from=resume (a larger --max_iters trains longer), or start afresh in "
-                         "another --out_dir (or delete this one)")
+    """Starting afresh in a folder that holds a run would lose it; resuming needs last.pt. Say
+    what to do instead."""
+    last, best = os.path.join(out_dir, "last.pt"), os.path.join(out_dir, "ckpt.pt")
+    if init_from != "resume" and (os.path.isfile(last) or os.path.isfile(best)):
+        raise ValueError(f"{out_dir} already holds a run ({'last.pt' if os.path.isfile(last) else 'ckpt.pt'}): "
+                         "continue it with --init_from=resume (a larger --max_iters trains longer), or "
+                         "start afresh in another --out_dir (or delete this one)")
+    if init_from == "resume" and not os.path.isfile(last) and os.path.isfile(best):
+        raise ValueError(f"{out_dir} has a ckpt.pt but no last.pt to resume from (a run that ended "
+                         "before its first evaluation, or one made by an older version): start afresh "
+                         "in another --out_dir")
 
 
 def prompt_budget(model, max_new_tokens):
@@ -172,15 +176,15 @@ def encode_prompt(enc, text, model, max_new_tokens, device):
     return torch.tensor(ids[-prompt_budget(model, max_new_tokens):], dtype=torch.long, device=device)
 
 
-def encode_prompts(enc, records, model, max_new_tokens, device, what="prompts"):
+def encode_prompts(enc, records, model, max_new_tokens, device, what="prompts", say=print):
     """encode_prompt for every record, saying how many prompts were cropped (the model then never
     sees their beginning)."""
     keep = prompt_budget(model, max_new_tokens)
     cropped = sum(len(ids) > keep for ids in enc.encode_ordinary_batch([r["prompt"] for r in records]))
     if cropped:
-        print(f"note: {cropped} of {len(records)} {what} are longer than {keep} tokens and were cropped "
-              f"to their last {keep} (context {model.config.block_size}, max_new_tokens "
-              f"{max_new_tokens}): a larger --block_size (train.py) keeps more")
+        say(f"note: {cropped} of {len(records)} {what} are longer than {keep} tokens and were cropped "
+            f"to their last {keep} (context {model.config.block_size}, max_new_tokens "
+            f"{max_new_tokens}): a larger --block_size (train.py) keeps more")
     return [encode_prompt(enc, r["prompt"], model, max_new_tokens, device) for r in records]
 
 
@@ -327,7 +331,9 @@ def main(argv):
         iter_num, best_val = checkpoint["iter_num"], checkpoint["best_val_loss"]
         batch_gen.set_state(checkpoint["batch_rng"])
         rng = checkpoint["torch_rng"]
-        torch.set_rng_state(rng[world.rank] if len(rng) == world.size else rng[0])
+        torch.set_rng_state(rng[world.rank] if isinstance(rng, list) and len(rng) == world.size else
+                            rng[0] if isinstance(rng, list) else rng)
+    resumed_at = iter_num  # (evaluated already)
     train_model = distributed.wrap(torch.compile(model) if cfg.compile else model, world, device)
     val_records = load_records(cfg.dataset, "val")[:cfg.val_prompts] if world.master else []
     val_prompts = encode_prompts(enc, val_records, model, max_new_tokens, device, "val prompts")
@@ -360,7 +366,7 @@ def main(argv):
     t_start = t0 = time.time()
     last_log = iter_num
     while iter_num < max_iters:
-        if iter_num % cfg.eval_interval == 0 and iter_num > 0:
+        if iter_num % cfg.eval_interval == 0 and iter_num not in (0, resumed_at):
             evaluate_and_checkpoint()
             distributed.barrier(world)
             t0 = time.time()  # the evaluation is not training time
@@ -384,7 +390,8 @@ def main(argv):
             t0, last_log = time.time(), iter_num
             say(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, time {dt * 1000:.0f}ms, "
                 f"{cfg.batch_size * block_size / dt:,.0f} tok/s, eta {(max_iters - iter_num) * dt / 60:.1f} min")
-    evaluate_and_checkpoint()
+    if iter_num != resumed_at or checkpoint is None:
+        evaluate_and_checkpoint()
     say(f"trained {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min")
     result = {}
     if world.master:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 import distributed
 import train
-from bench import (QUALITY_TOLERANCE, REPEAT_LIMIT, decoders, environment, held_out_comparison,
+from bench import (QUALITY_TOLERANCE, REPEAT_LIMIT, environment, held_out_comparison, methods_for,
                    quality_problems)
 from configurator import configure, run
 from data.common import (dataset_dir, generation_length, load_encoding, load_meta, load_records,
@@ -191,9 +191,8 @@ def distillation_loss_reference(model, records, choices, cfg):
             with torch.no_grad():
                 logits, _ = model(torch.cat([prefix, yhat])[None])   # q_theta-(. | x, yhat_<i)
             teachers.append(logits[0, cols])
-    V = model.config.vocab_size
-    l_c = consistency_loss(torch.cat([torch.zeros(0, V), *students]),   # L_GC (or L_LC)
-                           torch.cat([torch.zeros(0, V), *teachers]))
+    none = model.lm_head.weight.new_zeros(0, model.config.vocab_size)  # (a batch of fixed points)
+    l_c = consistency_loss(torch.cat([none, *students]), torch.cat([none, *teachers]))  # L_GC (or L_LC)
     l_ar = ar_loss(torch.cat(ar_logits), torch.cat(ar_targets), cfg.label_smoothing)  # L_AR
     return l_c + cfg.ar_weight * l_ar, l_c, l_ar
 
@@ -393,8 +392,8 @@ def ensure_target(cfg):
         args = ([config] if os.path.isfile(config) else []) + [f"--dataset={cfg.dataset}",
                                                                 f"--out_dir={cfg.target_dir}"]
         print(f"no target model in {cfg.target_dir}: training it first (by hand: python train.py "
-              f"{' '.join(args)}; about 7 minutes for arith on 2 CPU cores)")
-        train.main(args)
+              f"{' '.join(args)}; the test prompts are measured in the final table)")
+        train.main(args + ["--eval_prompts=0"])  # the final table measures it on the test prompts
 
 
 def main(argv):
@@ -407,9 +406,13 @@ def main(argv):
         raise ValueError(f"batch_size {cfg.batch_size} does not divide into {world.size} processes x "
                          f"{cfg.grad_accum} micro-steps: make it a multiple of {world.size * cfg.grad_accum}")
     train.refuse_to_overwrite(cfg.out_dir, cfg.init_from)
-    if world.master:
+    if cfg.eval_prompts < 1:
+        raise ValueError("eval_prompts must be at least 1: the guard chooses the CLLM by them")
+    if world.size == 1:
         ensure_target(cfg)
-    distributed.barrier(world)
+    elif not os.path.isfile(os.path.join(cfg.target_dir, "ckpt.pt")):  # ddp
+        raise ValueError(f"no target in {cfg.target_dir}: under torchrun, train it first (torchrun ... "
+                         f"train.py --dataset={cfg.dataset} --out_dir={cfg.target_dir})")
     meta, enc = load_meta(cfg.dataset), load_encoding(cfg.dataset)
     target, target_ckpt = train.load_checkpoint(os.path.join(cfg.target_dir, "ckpt.pt"), device)
     if target_ckpt.get("dataset") not in (None, cfg.dataset):
@@ -430,13 +433,16 @@ def main(argv):
     last_path, best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "ckpt.pt")
     batch_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every process
     iter_num, curve, train_secs, stopped = 0, [], 0.0, None
+    last_eval = -1  # the iteration of the last evaluation, known to every process
     if cfg.init_from == "resume":
         model, checkpoint = train.load_checkpoint(last_path, device)
         train.note_changed_settings(checkpoint["config"], cfg)
         iter_num, curve, train_secs = checkpoint["iter_num"], checkpoint["curve"], checkpoint["train_secs"]
+        last_eval = curve[-1]["iter"]
         batch_gen.set_state(checkpoint["batch_rng"])
         rng = checkpoint["torch_rng"]
-        torch.set_rng_state(rng[world.rank] if len(rng) == world.size else rng[0])
+        torch.set_rng_state(rng[world.rank] if isinstance(rng, list) and len(rng) == world.size else
+                            rng[0] if isinstance(rng, list) else rng)
     else:
         model = copy.deepcopy(target)  # the CLLM starts from the target's weights
     model.train()
@@ -455,7 +461,8 @@ def main(argv):
 
     def evaluate_and_save():
         """Evaluate on the val prompts; last.pt always, ckpt.pt when the guard has a new best."""
-        nonlocal stopped
+        nonlocal stopped, last_eval
+        last_eval = iter_num
         rng = distributed.all_gather(torch.get_rng_state(), world)  # ddp: every process's
         if world.master:
             t = time.time()
@@ -488,7 +495,7 @@ def main(argv):
 
     t0, last_log = time.time(), iter_num
     while iter_num < cfg.max_iters and not stopped:
-        if iter_num % cfg.eval_interval == 0 and not (curve and curve[-1]["iter"] == iter_num):
+        if iter_num % cfg.eval_interval == 0 and last_eval != iter_num:
             evaluate_and_save()
             t0, last_log = time.time(), iter_num
             if stopped:
@@ -525,7 +532,7 @@ def main(argv):
             say(f"iter {iter_num}: loss {l_c + cfg.ar_weight * l_ar:.4f} (consistency {l_c:.4f}, "
                 f"ar {l_ar:.4f}), lr {lr:.2e}, time {dt * 1000:.0f}ms, "
                 f"eta {(cfg.max_iters - iter_num) * dt / 60:.1f} min")
-    if not stopped and not (curve and curve[-1]["iter"] == iter_num):
+    if not stopped and last_eval != iter_num:
         evaluate_and_save()
     results = {}
     if world.master:
@@ -547,7 +554,7 @@ def report(cfg, target, enc, meta, curve, stopped, tolerance, max_new_tokens, de
     if test_records:
         print(f"held-out comparison on {len(test_records)} test prompts "
               f"({environment(device)['device']}, {torch.get_num_threads()} threads):")
-        methods = decoders([cfg.n], max_new_tokens, enc.eot_token, cfg.blocks, cfg.lookup)
+        methods = methods_for([cfg.n], max_new_tokens, enc.eot_token, cfg.blocks, cfg.lookup, cfg.init)
         results, text = held_out_comparison({"target": target, "CLLM": model}, enc, test_records,
                                             meta["metric"], methods, max_new_tokens, device,
                                             tolerance=tolerance)
@@ -558,8 +565,8 @@ def report(cfg, target, enc, meta, curve, stopped, tolerance, max_new_tokens, de
         + (f", {c['quality']:.3f}" if c["quality"] is not None else "")
         + f", loss {c['answer_loss']:.3f}" for c in curve))
     with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
-        json.dump(dict(config=asdict(cfg), environment=environment(device), results=results,
-                       curve=curve, chosen_iter=chosen["iter_num"], stopped=stopped,
+        json.dump(dict(config=asdict(cfg), environment=environment(device), metric=meta["metric"],
+                       results=results, curve=curve, chosen_iter=chosen["iter_num"], stopped=stopped,
                        verdict=text.splitlines()[-2:] if text else []), f, indent=1)
     return results
 

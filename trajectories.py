@@ -92,16 +92,18 @@ def load_or_collect(cfg, target, target_id, enc, world=distributed.World()):
     path = os.path.join(cfg.out_dir, "trajectories.pt")
     partial = os.path.join(cfg.out_dir, f"trajectories.partial{world.rank}.pt")
     meta = trajectory_meta(cfg, target_id)
+    say = print if world.master else lambda *a, **k: None
     if os.path.isfile(path):
         data = read(path, meta)
-        print(f"reusing {path}: {data['stats']}")
+        say(f"reusing {path}: {data['stats']}")
         return data["prompts"]
-    say = print if world.master else lambda *a, **k: None
     records = load_records(cfg.dataset, "train")[:cfg.num_prompts]
-    ids = train.encode_prompts(enc, records, target, cfg.traj_max_new_tokens, "cpu", "training prompts")
+    ids = train.encode_prompts(enc, records, target, cfg.traj_max_new_tokens, "cpu", "training prompts", say)
     batches = {}  # first prompt of a batch: (kept records, dropped count)
-    for f in sorted(glob.glob(os.path.join(cfg.out_dir, "trajectories.partial*.pt"))):
-        batches.update(read(f, meta)["batches"])  # what a killed run had finished
+    partial_meta = dict(meta, collect_batch=cfg.collect_batch)  # batches are keyed by their start
+    partials = sorted(glob.glob(os.path.join(cfg.out_dir, "trajectories.partial*.pt")))
+    for f in partials:
+        batches.update(read(f, partial_meta)["batches"])  # what a killed run had finished
     starts = range(0, len(records), cfg.collect_batch)
     todo = [s for s in starts if s not in batches][world.rank::world.size]  # ddp: my share
     say(f"collecting Jacobi trajectories of the target on {len(records)} training prompts "
@@ -117,7 +119,7 @@ def load_or_collect(cfg, target, target_id, enc, world=distributed.World()):
         say(f"collect: batches {len(batches) + count * world.size}/{len(starts)}, "
               f"{n_records / secs:.0f} records/s, eta {(len(todo) - count) * secs / count / 60:.1f} min")
         if time.time() - last_save > SAVE_EVERY and count < len(todo):
-            train.save_checkpoint(partial, dict(meta=meta, batches={**batches, **mine}))
+            train.save_checkpoint(partial, dict(meta=partial_meta, batches={**batches, **mine}))
             last_save = time.time()
     for done in distributed.all_gather(mine, world):  # ddp: every process's batches
         batches.update(done)
@@ -128,7 +130,10 @@ def load_or_collect(cfg, target, target_id, enc, world=distributed.World()):
     say(f"collected {stats}")
     if world.master:
         train.save_checkpoint(path, dict(meta=meta, stats=stats, prompts=prompts))
-    distributed.barrier(world)
+    distributed.barrier(world)  # (the others keep theirs until the file is written)
     if os.path.isfile(partial):
         os.remove(partial)
+    for f in partials if world.master else []:  # left by a run with more processes
+        if os.path.isfile(f):
+            os.remove(f)
     return prompts

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from tokenizer import EOT, SPLIT_PATTERN, load_tokenizer, make_encoding, save_ranks, train_bpe
+from tokenizer import SPLIT_PATTERN, load_tokenizer, make_encoding, save_ranks, train_bpe
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 SPLITS = ("train", "val", "test")
@@ -58,7 +58,7 @@ def write_dataset(name, records, vocab_size, metric, source, settings, pattern=S
                   extra_text=None, gpt2_tokenizer=False):
     """Train the tokenizer on the training text, then write everything listed above.
 
-    records: {split: [{"prompt": str, "answer": str}]}; metric: "accuracy", "parse" or "loss".
+    records: {split: [{"prompt": str, "answer": str}]}; metric: see score, or "loss".
     extra_text: {split: [str]}, more documents for the train/val streams (each ends with EOT).
     gpt2_tokenizer: use GPT-2's own tokenizer instead (for GPT-2 weights; tiktoken downloads it).
     """
@@ -148,9 +148,9 @@ def _write_jsonl(path, records):
 def load_meta(name):
     path = os.path.join(dataset_dir(name), "meta.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"dataset {name!r} is not prepared ({path} missing): run "
-                                f"python data/{name}/prepare.py (or data/custom/prepare.py for "
-                                "your own data)")
+        how = (f"python data/{name}/prepare.py (or data/custom/prepare.py for your own data)"
+               if os.sep not in name else f"the prepare.py that makes it, with --name={name}")
+        raise FileNotFoundError(f"dataset {name!r} is not prepared ({path} missing): run {how}")
     with open(path) as f:
         return json.load(f)
 

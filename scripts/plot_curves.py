@@ -15,8 +15,8 @@ W, H, LEFT, TOP, PANEL_W, PANEL_H, GAP = 900, 330, 60, 40, 340, 220, 110
 
 
 def label_of(path, results):
-    cfg = results["config"]
-    return f"{cfg['recipe']} ({os.path.basename(os.path.dirname(os.path.abspath(path)))})"
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return f"{results['config'].get('recipe', 'cllm')} ({folder})"
 
 
 def panel(x0, title, series, y_name, y_max):
@@ -55,17 +55,19 @@ def svg(runs):
         key = "quality" if curve[0]["quality"] is not None else "answer_loss"
         quality.append((label, colour, "", [(c["train_minutes"], c[key]) for c in curve]))
         legend.append((label, colour))
-    q_name = "accuracy (val)" if runs[0][1]["curve"][0]["quality"] is not None else "answer loss (val)"
-    y_speed = max(y for *_, pts in speed for _, y in pts) * 1.1
-    y_quality = max(y for *_, pts in quality for _, y in pts) * 1.1
+    metric = runs[0][1].get("metric", "accuracy")
+    q_name = f"{metric} (val)" if runs[0][1]["curve"][0]["quality"] is not None else "answer loss (val)"
+    y_speed = max(y for *_, pts in speed for _, y in pts) * 1.1 or 1.0
+    y_quality = max(y for *_, pts in quality for _, y in pts) * 1.1 or 1.0
     body = panel(LEFT, "tokens per forward (dashed: multi-block)", speed, "tokens / forward", y_speed)
     body += panel(LEFT + PANEL_W + GAP, q_name, quality, q_name, y_quality)
-    for i, (label, colour) in enumerate(legend):
-        y = TOP + PANEL_H + 58 + 0 * i
-        x = LEFT + i * 260
+    for i, (label, colour) in enumerate(legend):  # two to a line
+        y = TOP + PANEL_H + 58 + 18 * (i // 2)
+        x = LEFT + (i % 2) * (PANEL_W + GAP)
         body.append(f'<line x1="{x}" y1="{y}" x2="{x + 24}" y2="{y}" stroke="{colour}" stroke-width="3"/>')
         body.append(f'<text x="{x + 30}" y="{y + 4}" font-size="12">{label}</text>')
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H + 30}" '
+    height = H + 30 + 18 * ((len(legend) - 1) // 2)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" '
             f'font-family="sans-serif" font-size="13">\n<rect width="100%" height="100%" fill="white"/>\n'
             + "\n".join(body) + "\n</svg>\n")
 
@@ -73,6 +75,8 @@ def svg(runs):
 def main(argv):
     paths = [a for a in argv if not a.startswith("--")]
     out = next((a.split("=", 1)[1] for a in argv if a.startswith("--out=")), "curves.svg")
+    if not paths:
+        sys.exit("usage: python scripts/plot_curves.py out-cllm-a/results.json [..] --out=curves.svg")
     runs = []
     for p in paths:
         with open(p) as f:

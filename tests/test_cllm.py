@@ -4,7 +4,6 @@
 import pytest
 import torch
 
-import train
 import train_cllm
 from conftest import make_model
 from jacobi import collect_trajectories, greedy_decode, jacobi_decode

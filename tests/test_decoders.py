@@ -3,12 +3,10 @@
 import itertools
 
 import pytest
-import torch
 
 from conftest import make_model, random_prompt
 from decoders import lookup_draft, multiblock_jacobi_decode, prompt_lookup_decode
 from jacobi import greedy_decode
-
 
 
 @pytest.fixture(scope="module")
