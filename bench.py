@@ -98,8 +98,9 @@ def methods_for(ns, max_new_tokens, eos_id, blocks=0, lookup=False, init="prefix
 
 
 def bench_models(models, prompts, methods, max_new_tokens, eos_id=None, warmup=2):
-    """Decode every prompt with every model, by AR and by every method, interleaved: a change in
-    the machine's load hits every row alike, also the AR rows of two models.
+    """Decode every prompt with every model, by AR and by every method of that model
+    (methods: {model name: {method: decode}}), interleaved: a change in the machine's load hits
+    every row alike, also the AR rows of two models.
 
     Returns {model name: {method: row}}; a row holds the summed tokens and forwards, the
     per-prompt tokens/s and seconds, the outputs, and (not AR) fast-forwarded/stationary counts
@@ -109,7 +110,7 @@ def bench_models(models, prompts, methods, max_new_tokens, eos_id=None, warmup=2
     rows = {}
     for model_name in models:
         rows[model_name] = {"AR": dict(tokens=0, forwards=0, tps=[], secs=[], outputs=[])}
-        for name in methods:
+        for name in methods[model_name]:
             rows[model_name][name] = dict(tokens=0, forwards=0, tps=[], secs=[], outputs=[],
                                           fast_forwarded=0, stationary=0, exact=0, speedups=[])
     for i, prompt in enumerate([*prompts[:warmup], *prompts]):
@@ -118,7 +119,7 @@ def bench_models(models, prompts, methods, max_new_tokens, eos_id=None, warmup=2
             greedy, secs = timed(lambda: greedy_decode(model, prompt, max_new_tokens, eos_id), device)
             if counted:
                 _add(rows[model_name]["AR"], greedy, len(greedy), secs)
-            for name, decode in methods.items():
+            for name, decode in methods[model_name].items():
                 (tokens, stats), msecs = timed(lambda: decode(model, prompt), device)
                 if counted:  # (the statistics are computed here, after the timed call)
                     row = rows[model_name][name]
@@ -159,7 +160,8 @@ def summarize(rows):
 
 
 def measure(models, prompts, methods, max_new_tokens, eos_id=None, warmup=2, quality=None):
-    """{model name: {method: summary}} for several models on the same prompts.
+    """{model name: {method: summary}} for several models on the same prompts, each decoded by AR
+    and by its methods ({model name: {method: decode}}).
     quality(model, outputs) -> dict of quality numbers, added to every method of the model (the
     outputs are AR's; the other methods' are the same where 'exact' says so)."""
     rows = bench_models(models, prompts, methods, max_new_tokens, eos_id, warmup)
@@ -262,7 +264,8 @@ def environment(device, dtype="float32"):
 
 def held_out_comparison(models, enc, records, metric, methods, max_new_tokens, device, warmup=2,
                         tolerance=QUALITY_TOLERANCE):
-    """{name: model} on held-out records: AR and the methods interleaved per prompt, with the
+    """{name: model} on held-out records: AR and each model's methods ({model name: {method:
+    decode}}) interleaved per prompt, with the
     dataset's quality, the answer loss and the repetition rate. Returns (results, table and
     verdict as text); a CLLM whose quality fell is marked in the results too."""
     prompts = encode_prompts(enc, records, next(iter(models.values())), max_new_tokens, device)
@@ -313,7 +316,7 @@ def main(argv):
               f"{len(prompts)} random {RANDOM_PROMPT_LEN}-token prompts\n{env}")
         max_new_tokens = cfg.max_new_tokens or 128
         methods = methods_for(cfg.ns or RANDOM_NS, max_new_tokens, None, cfg.blocks, cfg.lookup)
-        results = measure(models, prompts, methods, max_new_tokens, None, cfg.warmup)
+        results = measure(models, prompts, {"random": methods}, max_new_tokens, None, cfg.warmup)
         text = markdown_table(results)
     else:
         models, dataset, trained, tolerance = trained_models(cfg, device)
@@ -325,8 +328,9 @@ def main(argv):
         print(f"{', '.join(models)} on {len(records)} held-out prompts of {dataset}\n{env}")
         methods = methods_for(cfg.ns or [trained.get("n", 16)], max_new_tokens, enc.eot_token,
                               cfg.blocks, cfg.lookup, trained.get("init", "prefix"))
-        results, text = held_out_comparison(models, enc, records, meta["metric"], methods,
-                                            max_new_tokens, device, cfg.warmup, tolerance)
+        results, text = held_out_comparison(models, enc, records, meta["metric"],
+                                            {name: methods for name in models}, max_new_tokens,
+                                            device, cfg.warmup, tolerance)
     print(text)
     with open(cfg.json_out, "w") as f:
         json.dump(dict(config=asdict(cfg), environment=env, results=results), f, indent=1)
