@@ -54,6 +54,22 @@ def wrap(model, world, device):
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def per_process_batch(batch_size, grad_accum, world):
+    """Windows (or prompts) per process and micro-step: batch_size / (processes * grad_accum)."""
+    per_process = batch_size // (world.size * grad_accum)
+    if per_process * world.size * grad_accum != batch_size:
+        raise ValueError(f"batch_size {batch_size} does not divide into {world.size} processes x "
+                         f"{grad_accum} micro-steps (grad_accum): make it a multiple of "
+                         f"{world.size * grad_accum}")
+    return per_process
+
+
+def restore_rng(rng, world):
+    """Set this process's torch RNG from a checkpoint's list of every process's states; a run
+    resumed on another number of processes takes rank 0's (a documented approximation)."""
+    torch.set_rng_state(rng[world.rank] if len(rng) == world.size else rng[0])
+
+
 def my_share(items, world, per_process):
     """This process's slice of a global batch: items (W * per_process, ...) -> (per_process, ...)."""
     return items[world.rank * per_process:(world.rank + 1) * per_process]

@@ -304,11 +304,7 @@ def main(argv):
     device, ctx = setup_device(cfg.device)
     world, device = distributed.init(device)  # ddp
     say = print if world.master else lambda *a, **k: None
-    per_process = cfg.batch_size // (world.size * cfg.grad_accum)
-    if per_process * world.size * cfg.grad_accum != cfg.batch_size:
-        raise ValueError(f"batch_size {cfg.batch_size} does not divide into {world.size} processes x "
-                         f"{cfg.grad_accum} micro-steps (grad_accum): make it a multiple of "
-                         f"{world.size * cfg.grad_accum}")
+    per_process = distributed.per_process_batch(cfg.batch_size, cfg.grad_accum, world)  # ddp
     refuse_to_overwrite(cfg.out_dir, cfg.init_from)
     meta, enc = load_meta(cfg.dataset), load_encoding(cfg.dataset)
     block_size = cfg.block_size or context_length(meta, say)
@@ -330,9 +326,7 @@ def main(argv):
     if checkpoint is not None:  # continue exactly where the checkpoint left off
         iter_num, best_val = checkpoint["iter_num"], checkpoint["best_val_loss"]
         batch_gen.set_state(checkpoint["batch_rng"])
-        rng = checkpoint["torch_rng"]
-        torch.set_rng_state(rng[world.rank] if isinstance(rng, list) and len(rng) == world.size else
-                            rng[0] if isinstance(rng, list) else rng)
+        distributed.restore_rng(checkpoint["torch_rng"], world)
     resumed_at = iter_num  # (evaluated already)
     train_model = distributed.wrap(torch.compile(model) if cfg.compile else model, world, device)
     val_records = load_records(cfg.dataset, "val")[:cfg.val_prompts] if world.master else []

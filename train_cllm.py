@@ -20,27 +20,23 @@ On a fresh clone `python train_cllm.py` first prepares data/arith and trains the
 """
 
 import copy
-import importlib
-import json
 import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 import distributed
 import train
-from bench import (QUALITY_TOLERANCE, REPEAT_LIMIT, environment, held_out_comparison, methods_for,
-                   quality_problems)
+from bench import QUALITY_TOLERANCE, REPEAT_LIMIT
 from configurator import configure, run
-from data.common import (dataset_dir, generation_length, load_encoding, load_meta, load_records,
-                         longest_run, score)
-from decoders import multiblock_jacobi_decode
-from jacobi import jacobi_decode
-from trajectories import fingerprint, load_or_collect
+from data.common import generation_length, load_records
+from evaluate import describe, evaluate, guard, report
+from packing import PackedRow, collate, pack
+from trajectories import fingerprint, load_or_collect, load_target
 
 
 @dataclass
@@ -101,6 +97,7 @@ class CLLMConfig:
 # ----------------------------------------------------------------------------------------------
 # 1. the trajectories: trajectories.py (load_or_collect)
 # 2. the losses
+# 3. evaluation, the quality guard and the final table: evaluate.py
 
 def consistency_loss(student_logits, teacher_logits):
     """The consistency loss (paper section 3.2), over the unmasked block positions i:
@@ -198,25 +195,15 @@ def distillation_loss_reference(model, records, choices, cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# packing: the same loss in one forward pass per batch
-
-class PackedRow(NamedTuple):
-    tokens: torch.Tensor     # (T,)
-    positions: torch.Tensor  # (T,) the position each token has in its own sequence
-    attn: torch.Tensor       # (T, T) bool, True where a query may attend to a key
-    labels: torch.Tensor     # (T,) AR labels, -1 where none
-    student: torch.Tensor    # (C,) columns whose logits are the students of the consistency loss
-    teacher: torch.Tensor    # (C,) and the columns of their teachers
-
+# packing (packing.py): the same loss in one forward pass per batch
 
 def pack_row(record, picks, cfg, context):
     """One training row holding every sequence distillation_loss_reference runs for a record:
 
         [prompt y*_1 .. y*_K] [ground truth] [y of choice 1] [yhat of choice 1, if local] [..]
 
-    Every segment after the first continues a prefix of the first: it sits at the positions it
-    would have in its own sequence and sees that prefix and itself causally, nothing else, so its
-    logits are those of a separate forward of prefix + segment. The first segment gives the AR
+    Every segment after the first continues a prefix of the first, and packing.pack lays them out
+    so that its logits are those of a separate forward of prefix + segment. The first gives the AR
     term when the labels are y*, and the global teachers (y*_k sits in it); the ground-truth
     segment gives the AR term on the dataset's answer. One forward replaces 2 + 2 * choices.
     """
@@ -246,38 +233,11 @@ def pack_row(record, picks, cfg, context):
             labels.append(torch.full((len(yhat),), -1))
             teacher, offset = len(segments) - 1, 0
         pairs.append((student, teacher, offset, consistency_mask(y, yhat).nonzero().flatten()))
-    first_col = [0]
-    for seg, _, _ in segments:
-        first_col.append(first_col[-1] + len(seg))
-    T = first_col[-1]
-    attn = torch.zeros(T, T, dtype=torch.bool)
-    for (seg, _, sees), c in zip(segments, first_col):
-        attn[c:c + len(seg), :sees] = True
-        attn[c:c + len(seg), c:c + len(seg)] = torch.ones(len(seg), len(seg), dtype=torch.bool).tril()
+    tokens, positions, attn, first_col = pack(segments)
     empty = torch.zeros(0, dtype=torch.long)
-    return PackedRow(torch.cat([seg for seg, _, _ in segments]),
-                     torch.cat([torch.arange(p, p + len(seg)) for seg, p, _ in segments]),
-                     attn, torch.cat(labels),
+    return PackedRow(tokens, positions, attn, torch.cat(labels),
                      torch.cat([empty] + [first_col[st] + cols for st, _, _, cols in pairs]),
                      torch.cat([empty] + [first_col[te] + off + cols for _, te, off, cols in pairs]))
-
-
-def collate(rows, device):
-    """Pad packed rows to one batch. Padding attends only to itself (a query that sees nothing
-    would make softmax NaN) and has no label. Consistency columns become flat (row, column) pairs."""
-    B, T = len(rows), max(len(r.tokens) for r in rows)
-    tokens = torch.zeros(B, T, dtype=torch.long)
-    positions = torch.zeros(B, T, dtype=torch.long)
-    attn = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1)
-    labels = torch.full((B, T), -1, dtype=torch.long)
-    student, teacher = [], []
-    for b, r in enumerate(rows):
-        L = len(r.tokens)
-        tokens[b, :L], positions[b, :L], attn[b, :L, :L], labels[b, :L] = r.tokens, r.positions, r.attn, r.labels
-        student.append(torch.stack([torch.full_like(r.student, b), r.student], 1))
-        teacher.append(torch.stack([torch.full_like(r.teacher, b), r.teacher], 1))
-    student, teacher = torch.cat(student), torch.cat(teacher)
-    return [t.to(device) for t in (tokens, positions, attn, labels, student, teacher)]
 
 
 def distillation_loss(model, batch, cfg, shares=(1.0, 1.0)):
@@ -340,85 +300,17 @@ def choose_states(records, cfg, generator):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. evaluation, and the guard that keeps a speedup from being bought with quality
-
-@torch.no_grad()
-def evaluate(model, enc, prompts, records, cfg, metric, max_new_tokens, device):
-    """Jacobi-decode held-out prompts: tokens per forward (and with multi-block Jacobi), the task's
-    quality (None where there is none), the share of outputs that repeat one token, and the answer
-    loss (every dataset has it)."""
-    model.eval()
-    tokens = forwards = mb_forwards = repeated = 0
-    scores = []
-    for p, r in zip(prompts, records):
-        out, stats = jacobi_decode(model, p, max_new_tokens, cfg.n, enc.eot_token, cfg.init)
-        tokens, forwards = tokens + stats.tokens, forwards + stats.forwards
-        if cfg.blocks:  # the same tokens (exactness), in fewer passes
-            mb_forwards += multiblock_jacobi_decode(model, p, max_new_tokens, cfg.n, cfg.blocks,
-                                                    enc.eot_token, cfg.init)[1].forwards
-        repeated += longest_run(out.tolist()) >= cfg.repeat_limit
-        scores.append(score(metric, r, train.decode_text(enc, out)))
-    return dict(tokens_per_forward=tokens / max(forwards, 1),
-                multiblock_tokens_per_forward=tokens / max(mb_forwards, 1) if cfg.blocks else None,
-                repeated=repeated / max(len(records), 1),
-                quality=sum(scores) / len(scores) if scores and scores[0] is not None else None,
-                answer_loss=train.answer_loss(model, enc, records, max_new_tokens, device))
-
-
-def guard(curve, tolerance, patience):
-    """Read the curve of evaluations (curve[0]: the target itself). A point is acceptable when its
-    quality is within the tolerance of the target's (bench.quality_problems). Returns (the index
-    of the best acceptable point: most tokens/forward, the problems of the last point, whether to
-    stop: the last `patience` points were all unacceptable and the answer loss did not fall over
-    them, a collapse rather than the dip that distillation often makes early and then recovers)."""
-    problems = [quality_problems(point, curve[0], tolerance) for point in curve]
-    best = max((i for i, p in enumerate(problems) if not p), key=lambda i: curve[i]["tokens_per_forward"])
-    bad = curve[max(i for i, p in enumerate(problems) if not p) + 1:]  # unacceptable, in a row
-    stop = 0 < patience <= len(bad) and bad[-1]["answer_loss"] >= bad[-patience]["answer_loss"]
-    return best, problems[-1], stop
-
-
-# ----------------------------------------------------------------------------------------------
-
-def ensure_target(cfg):
-    """Prepare the dataset and train the target when they are missing, saying so."""
-    if not os.path.isfile(os.path.join(dataset_dir(cfg.dataset), "meta.json")):
-        if cfg.dataset not in ("arith", "pycode"):
-            load_meta(cfg.dataset)  # raises the error that says how to prepare it
-        print(f"data/{cfg.dataset} is missing: preparing it (by hand: python data/{cfg.dataset}/prepare.py)")
-        importlib.import_module(f"data.{cfg.dataset}.prepare").prepare([])
-    if not os.path.isfile(os.path.join(cfg.target_dir, "ckpt.pt")):
-        config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", f"train_{cfg.dataset}.py")
-        args = ([config] if os.path.isfile(config) else []) + [f"--dataset={cfg.dataset}",
-                                                                f"--out_dir={cfg.target_dir}"]
-        print(f"no target model in {cfg.target_dir}: training it first (by hand: python train.py "
-              f"{' '.join(args)}; the test prompts are measured in the final table)")
-        train.main(args + ["--eval_prompts=0"])  # the final table measures it on the test prompts
-
 
 def main(argv):
     cfg = configure(CLLMConfig(), argv)
     device, ctx = train.setup_device(cfg.device)
     world, device = distributed.init(device)  # ddp
     say = print if world.master else lambda *a, **k: None
-    per_process = cfg.batch_size // (world.size * cfg.grad_accum)
-    if per_process * world.size * cfg.grad_accum != cfg.batch_size:
-        raise ValueError(f"batch_size {cfg.batch_size} does not divide into {world.size} processes x "
-                         f"{cfg.grad_accum} micro-steps: make it a multiple of {world.size * cfg.grad_accum}")
+    per_process = distributed.per_process_batch(cfg.batch_size, cfg.grad_accum, world)  # ddp
     train.refuse_to_overwrite(cfg.out_dir, cfg.init_from)
     if cfg.eval_prompts < 1:
         raise ValueError("eval_prompts must be at least 1: the guard chooses the CLLM by them")
-    if world.size == 1:
-        ensure_target(cfg)
-    elif not os.path.isfile(os.path.join(cfg.target_dir, "ckpt.pt")):  # ddp
-        raise ValueError(f"no target in {cfg.target_dir}: under torchrun, train it first (torchrun ... "
-                         f"train.py --dataset={cfg.dataset} --out_dir={cfg.target_dir})")
-    meta, enc = load_meta(cfg.dataset), load_encoding(cfg.dataset)
-    target, target_ckpt = train.load_checkpoint(os.path.join(cfg.target_dir, "ckpt.pt"), device)
-    if target_ckpt.get("dataset") not in (None, cfg.dataset):
-        raise ValueError(f"the target in {cfg.target_dir} was trained on {target_ckpt['dataset']!r}, "
-                         f"not {cfg.dataset!r}: set --dataset or --target_dir")
-    train.check_vocabulary(target, meta, os.path.join(cfg.target_dir, "ckpt.pt"))
+    target, meta, enc = load_target(cfg, device, world)
     context = target.config.block_size
     cfg = replace(cfg, max_new_tokens=cfg.max_new_tokens or generation_length(meta, context),
                   traj_max_new_tokens=cfg.traj_max_new_tokens or generation_length(meta, context))
@@ -440,9 +332,7 @@ def main(argv):
         iter_num, curve, train_secs = checkpoint["iter_num"], checkpoint["curve"], checkpoint["train_secs"]
         last_eval = curve[-1]["iter"]
         batch_gen.set_state(checkpoint["batch_rng"])
-        rng = checkpoint["torch_rng"]
-        torch.set_rng_state(rng[world.rank] if isinstance(rng, list) and len(rng) == world.size else
-                            rng[0] if isinstance(rng, list) else rng)
+        distributed.restore_rng(checkpoint["torch_rng"], world)
     else:
         model = copy.deepcopy(target)  # the CLLM starts from the target's weights
     model.train()
@@ -469,14 +359,8 @@ def main(argv):
             e = evaluate(model, enc, eval_prompts, eval_records, cfg, meta["metric"], max_new_tokens, device)
             curve.append(dict(iter=iter_num, train_minutes=round(train_secs / 60, 2), **e))
             best, problems, stop = guard(curve, tolerance, cfg.guard_patience)
-            q = f"{meta['metric']} {e['quality']:.3f}, " if e["quality"] is not None else ""
-            mb = f" ({e['multiblock_tokens_per_forward']:.2f} multi-block)" if cfg.blocks else ""
-            print(f"eval iter {iter_num}: tokens/forward {e['tokens_per_forward']:.2f}{mb}, {q}answer loss "
-                  f"{e['answer_loss']:.4f}, repetitive {e['repeated']:.0%} on {len(eval_records)} val "
-                  f"prompts ({time.time() - t:.1f}s): "
-                  + (f"outside the quality tolerance ({'; '.join(problems)})" if problems else
-                     "the best so far within the quality tolerance: ckpt.pt" if best == len(curve) - 1
-                     else f"acceptable; the best stays iteration {curve[best]['iter']}"))
+            print(describe(curve[-1], meta["metric"], len(eval_records), time.time() - t,
+                           None if best == len(curve) - 1 else curve[best]["iter"], problems))
             state = dict(model=model.state_dict(), model_args=asdict(model.config), iter_num=iter_num,
                          config=asdict(cfg), dataset=cfg.dataset, kind="cllm", target=target_id,
                          curve=curve)
@@ -538,40 +422,6 @@ def main(argv):
     if world.master:
         results = report(cfg, target, enc, meta, curve, stopped, tolerance, max_new_tokens, device)
     distributed.finish(world)
-    return results
-
-
-def report(cfg, target, enc, meta, curve, stopped, tolerance, max_new_tokens, device):
-    """3. The held-out table, with the model the guard chose (ckpt.pt), and results.json."""
-    model, chosen = train.load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
-    best = next(c for c in curve if c["iter"] == chosen["iter_num"])
-    print(f"\nthe CLLM is ckpt.pt, iteration {chosen['iter_num']}: the most tokens/forward on the val "
-          f"prompts ({best['tokens_per_forward']:.2f}) of the evaluations within the quality tolerance"
-          + (": no distilled model beat the target within the tolerance, so the 'CLLM' below is the "
-             "target itself" if chosen["iter_num"] == 0 else "") + (f"; {stopped}" if stopped else ""))
-    test_records = load_records(cfg.dataset, "test")[:cfg.final_prompts]
-    results, text = {}, ""
-    if test_records:
-        print(f"held-out comparison on {len(test_records)} test prompts "
-              f"({environment(device)['device']}, {torch.get_num_threads()} threads):")
-        # the target's row of multi-block Jacobi is left out: it is slower than plain Jacobi on an
-        # ordinary model and the most expensive row (bench.py --blocks=2 measures it)
-        methods = dict(target=methods_for([cfg.n], max_new_tokens, enc.eot_token, 0, cfg.lookup, cfg.init),
-                       CLLM=methods_for([cfg.n], max_new_tokens, enc.eot_token, cfg.blocks, cfg.lookup,
-                                        cfg.init))
-        results, text = held_out_comparison({"target": target, "CLLM": model}, enc, test_records,
-                                            meta["metric"], methods, max_new_tokens, device,
-                                            tolerance=tolerance)
-        print(text)
-    print("training curve (val prompts): " + ", ".join(
-        f"{c['train_minutes']:.1f} min: {c['tokens_per_forward']:.2f} tok/fwd"
-        + (f" ({c['multiblock_tokens_per_forward']:.2f} multi-block)" if c.get("multiblock_tokens_per_forward") else "")
-        + (f", {c['quality']:.3f}" if c["quality"] is not None else "")
-        + f", loss {c['answer_loss']:.3f}" for c in curve))
-    with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
-        json.dump(dict(config=asdict(cfg), environment=environment(device), metric=meta["metric"],
-                       results=results, curve=curve, chosen_iter=chosen["iter_num"], stopped=stopped,
-                       verdict=text.splitlines()[-2:] if text else []), f, indent=1)
     return results
 
 

@@ -14,6 +14,7 @@ after a kill goes on from there instead of starting again.
 
 import glob
 import hashlib
+import importlib
 import os
 import time
 
@@ -21,7 +22,7 @@ import torch
 
 import distributed
 import train
-from data.common import dataset_dir, load_records, longest_run
+from data.common import dataset_dir, load_encoding, load_meta, load_records, longest_run
 from jacobi import collect_trajectories
 
 SAVE_EVERY = 30.0  # seconds between saves of the finished batches
@@ -41,6 +42,39 @@ def fingerprint(*parts):
         else:
             h.update(part.encode())  # a name, e.g. of a tokenizer that is not a file (gpt2)
     return h.hexdigest()[:16]
+
+
+def ensure_target(cfg):
+    """Prepare the dataset and train the target when they are missing, saying so."""
+    if not os.path.isfile(os.path.join(dataset_dir(cfg.dataset), "meta.json")):
+        if cfg.dataset not in ("arith", "pycode"):
+            load_meta(cfg.dataset)  # raises the error that says how to prepare it
+        print(f"data/{cfg.dataset} is missing: preparing it (by hand: python data/{cfg.dataset}/prepare.py)")
+        importlib.import_module(f"data.{cfg.dataset}.prepare").prepare([])
+    if not os.path.isfile(os.path.join(cfg.target_dir, "ckpt.pt")):
+        config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", f"train_{cfg.dataset}.py")
+        args = ([config] if os.path.isfile(config) else []) + [f"--dataset={cfg.dataset}",
+                                                                f"--out_dir={cfg.target_dir}"]
+        print(f"no target model in {cfg.target_dir}: training it first (by hand: python train.py "
+              f"{' '.join(args)}; the test prompts are measured in the final table)")
+        train.main(args + ["--eval_prompts=0"])  # the final table measures it on the test prompts
+
+
+def load_target(cfg, device, world=distributed.World()):
+    """(target model, dataset meta, tokenizer): out_dir's target, checked against the dataset;
+    on one process, the dataset is prepared and the target trained first when missing."""
+    if world.size == 1:
+        ensure_target(cfg)
+    elif not os.path.isfile(os.path.join(cfg.target_dir, "ckpt.pt")):  # ddp
+        raise ValueError(f"no target in {cfg.target_dir}: under torchrun, train it first (torchrun ... "
+                         f"train.py --dataset={cfg.dataset} --out_dir={cfg.target_dir})")
+    meta, enc = load_meta(cfg.dataset), load_encoding(cfg.dataset)
+    target, target_ckpt = train.load_checkpoint(os.path.join(cfg.target_dir, "ckpt.pt"), device)
+    if target_ckpt.get("dataset") not in (None, cfg.dataset):
+        raise ValueError(f"the target in {cfg.target_dir} was trained on {target_ckpt['dataset']!r}, "
+                         f"not {cfg.dataset!r}: set --dataset or --target_dir")
+    train.check_vocabulary(target, meta, os.path.join(cfg.target_dir, "ckpt.pt"))
+    return target, meta, enc
 
 
 def trajectory_meta(cfg, target_id):

@@ -7,16 +7,15 @@ distillation, one line per run. Plain Python, no plotting package.
 """
 
 import json
-import os
 import sys
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 W, H, LEFT, TOP, PANEL_W, PANEL_H, GAP = 900, 330, 60, 40, 340, 220, 110
 
 
-def label_of(path, results):
-    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return f"{results['config'].get('recipe', 'cllm')} ({folder})"
+def label_of(results):
+    c = results["config"]
+    return f"{c['recipe']}, lr {c['learning_rate']:g}, ar_weight {c['ar_weight']:g}"
 
 
 def panel(x0, title, series, y_name, y_max):
@@ -81,7 +80,7 @@ def main(argv):
     for p in paths:
         with open(p) as f:
             results = json.load(f)
-        runs.append((label_of(p, results), results))
+        runs.append((label_of(results), results))
     with open(out, "w") as f:
         f.write(svg(runs))
     print(f"wrote {out}")

@@ -6,8 +6,10 @@ import torch
 
 import train_cllm
 from conftest import make_model
+from evaluate import guard
 from jacobi import collect_trajectories, greedy_decode, jacobi_decode
-from train_cllm import (CLLMConfig, collate, consistency_loss, consistency_mask, consistency_target,
+from packing import collate
+from train_cllm import (CLLMConfig, consistency_loss, consistency_mask, consistency_target,
                         distillation_loss, distillation_loss_reference, noise_ratio, noisy_streams,
                         pack_row)
 
@@ -281,7 +283,7 @@ def test_guard_keeps_the_best_acceptable_point_and_stops_a_collapse():
     # a text run: tokens/forward soars while the answer loss climbs and the outputs repeat
     curve = [point(1.0, 4.10), point(1.8, 4.13), point(2.4, 4.14, repeated=0.20), point(4.9, 4.30, repeated=0.9),
              point(5.8, 4.45, repeated=0.9), point(5.9, 4.58, repeated=0.94)]
-    verdicts = [train_cllm.guard(curve[:k], TOLERANCE, patience=3) for k in range(1, len(curve) + 1)]
+    verdicts = [guard(curve[:k], TOLERANCE, patience=3) for k in range(1, len(curve) + 1)]
     assert [v[0] for v in verdicts] == [0, 1, 1, 1, 1, 1]  # 2.4 repeats too much, the rest loses quality
     assert [v[2] for v in verdicts] == [False] * 4 + [True] * 2  # three bad in a row, loss rising
     assert "answer loss 4.580 vs the target's 4.100" in verdicts[-1][1][0]
@@ -291,9 +293,9 @@ def test_guard_waits_out_a_dip_that_recovers():
     # arith: accuracy dips early, the answer loss falls back as the learning rate decays
     curve = [point(1.1, 0.023, 0.78), point(1.4, 0.129, 0.24), point(1.8, 0.073, 0.50),
              point(1.9, 0.056, 0.50), point(2.3, 0.045, 0.48), point(4.1, 0.030, 0.80)]
-    best, problems, stop = train_cllm.guard(curve, TOLERANCE, patience=3)
+    best, problems, stop = guard(curve, TOLERANCE, patience=3)
     assert best == 5 and problems == [] and not stop
-    assert not any(train_cllm.guard(curve[:k], TOLERANCE, 3)[2] for k in range(1, 6))
+    assert not any(guard(curve[:k], TOLERANCE, 3)[2] for k in range(1, 6))
 
 
 def test_verdict_of_a_faster_but_worse_model():

@@ -91,3 +91,30 @@ def test_gpu_run_script_smoke(tmp_path):
         results = json.loads((out / f).read_text())["results"]
         assert "CLLM" in results
     assert json.loads((out / "bench_float32.json").read_text())["results"]["CLLM"]["Jacobi n=16"]["exact"] == "4/4"
+
+
+def test_plot_curves_draws_one_line_per_run_and_measure(tmp_path):
+    """Two runs' results.json -> an SVG that parses, with a solid and a dashed (multi-block)
+    tokens/forward line and a quality line per run, and both runs in the legend."""
+    import importlib.util
+    import xml.etree.ElementTree as ET
+    spec = importlib.util.spec_from_file_location("plot_curves", "scripts/plot_curves.py")
+    plot_curves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_curves)
+    paths = []
+    for recipe, lr in (("cllm", 1e-3), ("jacobi_forcing", 2e-3)):
+        curve = [dict(iter=i, train_minutes=i / 100, tokens_per_forward=1 + i / 200,
+                      multiblock_tokens_per_forward=1 + i / 150, quality=0.8, answer_loss=0.1)
+                 for i in (0, 200, 400)]
+        path = tmp_path / f"{recipe}.json"
+        path.write_text(json.dumps(dict(config=dict(recipe=recipe, learning_rate=lr, ar_weight=3.0),
+                                        metric="accuracy", curve=curve)))
+        paths.append(str(path))
+    out = tmp_path / "curves.svg"
+    plot_curves.main(paths + [f"--out={out}"])
+    root = ET.parse(out).getroot()
+    lines = [e for e in root.iter() if e.tag.endswith("polyline")]
+    assert len(lines) == 2 * 3
+    assert sum(1 for e in lines if e.get("stroke-dasharray") == "5,3") == 2
+    texts = " ".join(e.text or "" for e in root.iter() if e.tag.endswith("text"))
+    assert "cllm, lr 0.001, ar_weight 3" in texts and "jacobi_forcing, lr 0.002, ar_weight 3" in texts
