@@ -100,9 +100,9 @@ def show_trajectory(enc, stats, colour):
                   + (f"  ({committed[j]}/{length} committed)" if j else "  (the guess)"))
 
 
-def stats_line(tokens, forwards, secs):
-    return (f"tokens {tokens}, forward passes {forwards}, tokens/forward {tokens / max(forwards, 1):.2f}, "
-            f"{tokens / secs:.1f} tokens/s")
+def stats_line(tokens, forwards, secs=None):
+    return (f"tokens {tokens}, forward passes {forwards}, tokens/forward {tokens / max(forwards, 1):.2f}"
+            + (f", {tokens / secs:.1f} tokens/s" if secs else ""))
 
 
 def prompts_to_run(cfg, dataset):
@@ -170,8 +170,8 @@ def main(argv):
                 if cfg.show:
                     print(f"--- {name}: Jacobi decoding, n={n} ---")
                     show_trajectory(enc, stats, colour)
-                print(train.decode_text(enc, tokens))
-                print(stats_line(stats.tokens, stats.forwards, secs))
+                print(train.decode_text(enc, tokens))  # (--show is for reading, not timing)
+                print(stats_line(stats.tokens, stats.forwards, None if cfg.show else secs))
             else:
                 tokens, secs = timed(lambda: greedy_decode(m, prompt, max_new_tokens, enc.eot_token), device)
                 print(train.decode_text(enc, tokens))

@@ -12,8 +12,10 @@ gets several tokens right per forward pass while its greedy output stays the sam
    block is kept (trajectories.py: out_dir/trajectories.pt, reused when the settings match).
 2. distil: loss = consistency + ar_weight * AR, from the target's weights. Read the losses and
    distillation_loss_reference (the paper's equations, plain forwards) first; pack_row and
-   distillation_loss compute the same in one forward pass per batch.
-3. report: target vs CLLM on held-out prompts: tokens per forward, tokens/s, speedup, quality.
+   distillation_loss compute the same in one forward pass per batch. Every eval_interval steps
+   the quality guard (evaluate.py) keeps the best checkpoint within the target's quality.
+3. report (evaluate.py): target vs CLLM on held-out prompts, with the checkpoint the guard kept:
+   tokens per forward, tokens/s, speedup, quality, and a verdict.
 
 On a fresh clone `python train_cllm.py` first prepares data/arith and trains the target
 (python data/arith/prepare.py; python train.py) when they are missing.

@@ -1,4 +1,4 @@
-# The pycode target (CPython standard library functions) on a CPU (16 minutes on 1 thread).
+# The pycode target (CPython standard library functions) on a CPU (16 minutes on 1 thread of machine A).
 # python data/pycode/prepare.py && python train.py config/train_pycode.py
 out_dir = "out-pycode"
 dataset = "pycode"
