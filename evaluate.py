@@ -50,12 +50,14 @@ def guard(curve, tolerance, patience):
     """Read the curve of evaluations (curve[0]: the target itself). A point is acceptable when its
     quality is within the tolerance of the target's (bench.quality_problems). Returns (the index
     of the best acceptable point: most tokens/forward, the problems of the last point, whether to
-    stop: the last `patience` points were all unacceptable and the answer loss did not fall over
-    them, a collapse rather than the dip that distillation often makes early and then recovers)."""
+    stop: the last `patience` points were all unacceptable, and over them the answer loss did not
+    fall or the share of repetitive outputs rose: a collapse, rather than the dip that
+    distillation often makes early and then recovers from)."""
     problems = [quality_problems(point, curve[0], tolerance) for point in curve]
     best = max((i for i, p in enumerate(problems) if not p), key=lambda i: curve[i]["tokens_per_forward"])
     bad = curve[max(i for i, p in enumerate(problems) if not p) + 1:]  # unacceptable, in a row
-    stop = 0 < patience <= len(bad) and bad[-1]["answer_loss"] >= bad[-patience]["answer_loss"]
+    stop = 0 < patience <= len(bad) and (bad[-1]["answer_loss"] >= bad[-patience]["answer_loss"] or
+                                         bad[-1]["repeated"] > bad[-patience]["repeated"])
     return best, problems[-1], stop
 
 

@@ -84,7 +84,8 @@ class CLLMConfig:
     max_quality_drop: float = QUALITY_TOLERANCE["quality"]   # val answer loss, task quality and
     max_repeat_rise: float = QUALITY_TOLERANCE["repeated"]   # repetition are this close to the target's
     guard_patience: int = 3          # stop after this many unacceptable evaluations in a row with
-                                     # no fall of the answer loss (0: never)
+                                     # no fall of the answer loss or a rise of the
+                                     # repetition (evaluate.guard; 0: never)
     max_new_tokens: int = 0          # 0: from the data (data/common.generation_length)
     final_prompts: int = 500         # held-out (test) prompts for the final table
     blocks: int = 2                  # multi-block Jacobi (decoders.py) over this many blocks of n,
@@ -374,8 +375,8 @@ def main(argv):
                 train.save_checkpoint(best_path, state)
             if stop:
                 stopped = (f"stopped at iteration {iter_num}: {cfg.guard_patience} evaluations in a row "
-                           "outside the quality tolerance and no better, a collapse; raise ar_weight "
-                           "or lower learning_rate")
+                           "outside the quality tolerance, with the answer loss not falling or the "
+                           "repetition rising: a collapse; raise ar_weight or lower learning_rate")
                 print(stopped)
         stopped = distributed.all_gather(stopped, world)[0]  # ddp: rank 0 decides
 

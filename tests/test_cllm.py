@@ -289,6 +289,21 @@ def test_guard_keeps_the_best_acceptable_point_and_stops_a_collapse():
     assert "answer loss 4.580 vs the target's 4.100" in verdicts[-1][1][0]
 
 
+def test_guard_on_the_curves_of_two_real_runs():
+    """The arith default (machine B): four evaluations outside the tolerance while the accuracy
+    recovers, never a stop. Bible text with the default settings: the answer loss hardly moves
+    while the repetitive outputs rise 74% -> 92% -> 98%: stopped at the third."""
+    arith = [point(1.11, 0.023, 0.78), point(1.72, 0.072, 0.44, 0.06), point(2.19, 0.057, 0.52),
+             point(2.75, 0.052, 0.56), point(3.62, 0.033, 0.62), point(4.12, 0.022, 0.80),
+             point(4.27, 0.023, 0.78)]
+    assert not any(guard(arith[:k], TOLERANCE, 3)[2] for k in range(1, len(arith) + 1))
+    assert guard(arith, TOLERANCE, 3)[0] == 6
+    text = [point(1.03, 3.551), point(2.19, 3.679, repeated=0.74), point(2.38, 3.700, repeated=0.92),
+            point(2.99, 3.674, repeated=0.98)]
+    assert [guard(text[:k], TOLERANCE, 3)[2] for k in range(1, 5)] == [False, False, False, True]
+    assert guard(text, TOLERANCE, 3)[0] == 0  # nothing beat the target within the tolerance
+
+
 def test_guard_waits_out_a_dip_that_recovers():
     # arith: accuracy dips early, the answer loss falls back as the learning rate decays
     curve = [point(1.1, 0.023, 0.78), point(1.4, 0.129, 0.24), point(1.8, 0.073, 0.50),
