@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole run on one GPU, one command: the decoding tests on CUDA in float32, a larger arith
 # target, its trajectories and distillation, and the held-out table in float32 and in bf16.
-# Sized to finish in about 8 minutes on one H100-class GPU. Uses the machine's own python3
-# (torch 2.11 or newer, tiktoken, numpy, pytest); nothing is installed or downloaded.
+# Sized to finish in about 8 minutes on one H100-class GPU (an estimate: not yet run on one).
+# Uses the machine's own python3 (torch 2.11 or newer, tiktoken, numpy, pytest); nothing is
+# installed or downloaded.
 #
 #     bash scripts/gpu_run.sh                  # results in gpu-run/ (log.txt and the JSON files)
 #     bash scripts/gpu_run.sh out-h100         # results in out-h100/
