@@ -125,10 +125,8 @@ def bench_models(models, prompts, methods, max_new_tokens, eos_id=None, warmup=2
                     row = rows[model_name][name]
                     _add(row, tokens, stats.forwards, msecs)
                     row["fast_forwarded"] += stats.fast_forwarded
-                    if row["stationary"] is not None and stats.passes:  # blocks: jacobi_decode's
-                        row["stationary"] += stats.stationary
-                    else:
-                        row["stationary"] = None
+                    # stationary tokens exist only where a decoder records blocks (jacobi_decode)
+                    row["stationary"] = row["stationary"] + stats.stationary if stats.passes else None
                     row["exact"] += int(torch.equal(tokens, greedy))
                     row["speedups"].append(secs / msecs)
     return rows

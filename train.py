@@ -327,7 +327,7 @@ def main(argv):
         iter_num, best_val = checkpoint["iter_num"], checkpoint["best_val_loss"]
         batch_gen.set_state(checkpoint["batch_rng"])
         distributed.restore_rng(checkpoint["torch_rng"], world)
-    resumed_at = iter_num  # (evaluated already)
+    resumed_at = iter_num  # where this run starts: evaluated already when resumed
     train_model = distributed.wrap(torch.compile(model) if cfg.compile else model, world, device)
     val_records = load_records(cfg.dataset, "val")[:cfg.val_prompts] if world.master else []
     val_prompts = encode_prompts(enc, val_records, model, max_new_tokens, device, "val prompts")
@@ -360,7 +360,7 @@ def main(argv):
     t_start = t0 = time.time()
     last_log = iter_num
     while iter_num < max_iters:
-        if iter_num % cfg.eval_interval == 0 and iter_num not in (0, resumed_at):
+        if iter_num % cfg.eval_interval == 0 and iter_num != resumed_at:  # (0 when fresh)
             evaluate_and_checkpoint()
             distributed.barrier(world)
             t0 = time.time()  # the evaluation is not training time
@@ -384,7 +384,7 @@ def main(argv):
             t0, last_log = time.time(), iter_num
             say(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, time {dt * 1000:.0f}ms, "
                 f"{cfg.batch_size * block_size / dt:,.0f} tok/s, eta {(max_iters - iter_num) * dt / 60:.1f} min")
-    if iter_num != resumed_at or checkpoint is None:
+    if iter_num > resumed_at or checkpoint is None:  # (a resumed run evaluated resumed_at already)
         evaluate_and_checkpoint()
     say(f"trained {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min")
     result = {}
