@@ -62,6 +62,7 @@ QUALITY_TOLERANCE = dict(answer_loss=0.05,  # nats of held-out answer loss more 
                          quality=0.05,      # accuracy / parse rate / exact match less
                          repeated=0.05)     # more of the outputs repeating a token REPEAT_LIMIT times
 REPEAT_LIMIT = 10
+WEAK_ANSWER_LOSS = 1.0  # nats per answer token: above it a model is not competent at its task
 QUALITY_NAMES = {"accuracy": "accuracy", "parse": "parse rate", "exact": "exact match", "loss": None}
 
 # the untrained baseline: nanoGPT's CPU size (4 layers, 4 heads, 128 wide), random prompts
@@ -225,7 +226,7 @@ def verdict(results, tolerance=QUALITY_TOLERANCE):
                       f"that costs {best['forward_cost']:.2f}x one of AR's")
             advice = ("distil it (python train_cllm.py)" if model_name == "target" else
                       "distil longer, use a smaller n, or a larger target on a GPU")
-            if best["answer_loss"] > 1.0:
+            if best["answer_loss"] > WEAK_ANSWER_LOSS:
                 reason += (f"; the model is not competent at the task (answer loss "
                            f"{best['answer_loss']:.2f}), and a weak model has little to accelerate")
             lines.append(f"{head}: does not pay on this machine: {reason}. Try: {advice}")

@@ -27,7 +27,7 @@ AT_LEAST = dict(n=1, ns=1, max_new_tokens=0, traj_max_new_tokens=0, num_prompts=
                 num_val=1, num_test=1, learning_rate=0.0, min_lr=0.0, weight_decay=0.0,
                 grad_clip=0.0, dropout=0.0, ar_weight=0.0, label_smoothing=0.0, val_frac=0.0,
                 test_frac=0.0, grad_accum=1, max_epochs=0.0, max_loss_rise=0.0, max_quality_drop=0.0,
-                max_repeat_rise=0.0, guard_patience=0, blocks=0)
+                max_repeat_rise=0.0, guard_patience=0, blocks=0, horizon=0)
 
 
 def _unknown(key, cfg):

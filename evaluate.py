@@ -5,7 +5,8 @@ quality (train_cllm.py calls these).
 - evaluate: Jacobi-decode the val prompts: tokens per forward, the task's quality, the repetition
   rate, and the answer loss (every dataset has that one, free text too).
 - guard: read the curve of evaluations: which checkpoint is the CLLM (the most tokens/forward
-  within the quality tolerance of the target's), and whether the run is collapsing.
+  within the quality tolerance of the target's), and whether the run is collapsing; stop_line
+  says why it stopped.
 - report: the held-out table (bench.held_out_comparison) made with the checkpoint the guard chose,
   and results.json.
 """
@@ -17,7 +18,7 @@ from dataclasses import asdict
 import torch
 
 import train
-from bench import environment, held_out_comparison, methods_for, quality_problems
+from bench import WEAK_ANSWER_LOSS, environment, held_out_comparison, methods_for, quality_problems
 from data.common import load_records, longest_run, score
 from decoders import multiblock_jacobi_decode
 from jacobi import jacobi_decode
@@ -59,6 +60,24 @@ def guard(curve, tolerance, patience):
     stop = 0 < patience <= len(bad) and (bad[-1]["answer_loss"] >= bad[-patience]["answer_loss"] or
                                          bad[-1]["repeated"] > bad[-patience]["repeated"])
     return best, problems[-1], stop
+
+
+def stop_line(curve, patience, tolerance):
+    """The one line that ends a collapsing run: what collapsed, why, and what to try. The advice
+    is what was measured on arith and on Bible text (README: "Two data sets nobody here tuned for")."""
+    last, base = curve[-1], curve[0]
+    line = (f"stopped at iteration {last['iter']}: {patience} evaluations in a row outside the quality "
+            "tolerance, with the answer loss not falling or the repetition rising: a collapse")
+    if last["repeated"] <= base["repeated"] + tolerance["repeated"]:
+        return line + " of quality; lower learning_rate or max_iters, or raise ar_weight"
+    if base["answer_loss"] <= WEAK_ANSWER_LOSS:
+        return line + " into repetition; raise ar_weight or lower learning_rate"
+    return (line + f" into repetition, and the target is weak (answer loss {base['answer_loss']:.2f}): "
+            "where the next token cannot be told from the text before it, consistency training teaches "
+            "the model to guess past a wrong input token, and on its own text the guess becomes a loop "
+            "of frequent tokens. No learning rate, ar_weight, label smoothing, horizon or recipe that "
+            "was measured kept it off (README); prompt lookup needs no training, and the data sets where "
+            "distillation paid had competent targets")
 
 
 def describe(point, metric, num_prompts, secs, best, problems):

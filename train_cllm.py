@@ -36,7 +36,7 @@ import train
 from bench import QUALITY_TOLERANCE, REPEAT_LIMIT
 from configurator import configure, run
 from data.common import generation_length, load_records
-from evaluate import describe, evaluate, guard, report
+from evaluate import describe, evaluate, guard, report, stop_line
 from packing import PackedRow, collate, pack
 from trajectories import fingerprint, load_or_collect, load_target
 
@@ -63,6 +63,8 @@ class CLLMConfig:
     ar_target: Literal["ground_truth", "fixed_point"] = "ground_truth"  # AR labels: the
                                      # dataset's answer, or the target's own output y*
     label_smoothing: float = 0.0
+    horizon: int = 0                 # consistency on this many logits from a state's first wrong
+                                     # token on (consistency_mask; 0: all, the paper)
     states_per_block: int = 3        # cllm: states sampled per block and step (the paper: 1);
                                      # jacobi_forcing: noisy streams per prompt and step
     noise_window: int = 4            # jacobi_forcing: blocks over which the noise climbs 0 -> 1
@@ -135,15 +137,17 @@ def consistency_target(states, j, kind):
     raise ValueError(f"consistency must be 'global' or 'local', got {kind!r}")
 
 
-def consistency_mask(state, target):
+def consistency_mask(state, target, horizon=0):
     """(b - 1,) which logits of a block count: the logit at token i predicts token i + 1 from
     inputs y_0 .. y_i; up to the first token where state and target differ the inputs are the
-    same, so those positions are masked. (The authors' code keeps one more position, the logit
+    same, so those positions are masked. horizon > 0 keeps only that many logits from the first
+    wrong token on (the paper: all). (The authors' code keeps one more position, the logit
     that predicts the first differing token: its inputs are still the same and its KL is 0, so it
     only adds to the count the mean divides by.) Padding never enters a block."""
     differ = (state[:-1] != target[:-1]).long()
     first = int(differ.argmax()) if differ.any() else len(differ)
-    return torch.arange(len(differ)) >= first
+    i = torch.arange(len(differ))
+    return (i >= first) & ((i < first + horizon) if horizon else True)
 
 
 def consistency_pair(record, choice, kind):
@@ -185,7 +189,7 @@ def distillation_loss_reference(model, records, choices, cfg):
         ar_targets.append(labels)
         for choice in picks:
             prefix, y, yhat = consistency_pair(record, choice, cfg.consistency)
-            cols = len(prefix) + consistency_mask(y, yhat).nonzero().flatten()
+            cols = len(prefix) + consistency_mask(y, yhat, cfg.horizon).nonzero().flatten()
             logits, _ = model(torch.cat([prefix, y])[None])          # q_theta(. | x, y_<i)
             students.append(logits[0, cols])
             with torch.no_grad():
@@ -235,7 +239,7 @@ def pack_row(record, picks, cfg, context):
             segments.append((yhat, start, start))
             labels.append(torch.full((len(yhat),), -1))
             teacher, offset = len(segments) - 1, 0
-        pairs.append((student, teacher, offset, consistency_mask(y, yhat).nonzero().flatten()))
+        pairs.append((student, teacher, offset, consistency_mask(y, yhat, cfg.horizon).nonzero().flatten()))
     tokens, positions, attn, first_col = pack(segments)
     empty = torch.zeros(0, dtype=torch.long)
     return PackedRow(tokens, positions, attn, torch.cat(labels),
@@ -374,9 +378,7 @@ def main(argv):
             if best == len(curve) - 1:
                 train.save_checkpoint(best_path, state)
             if stop:
-                stopped = (f"stopped at iteration {iter_num}: {cfg.guard_patience} evaluations in a row "
-                           "outside the quality tolerance, with the answer loss not falling or the "
-                           "repetition rising: a collapse; raise ar_weight or lower learning_rate")
+                stopped = stop_line(curve, cfg.guard_patience, tolerance)
                 print(stopped)
         stopped = distributed.all_gather(stopped, world)[0]  # ddp: rank 0 decides
 

@@ -6,7 +6,7 @@ import torch
 
 import train_cllm
 from conftest import make_model
-from evaluate import guard
+from evaluate import guard, stop_line
 from jacobi import collect_trajectories, greedy_decode, jacobi_decode
 from packing import collate
 from train_cllm import (CLLMConfig, consistency_loss, consistency_mask, consistency_target,
@@ -46,6 +46,14 @@ def test_mask_excludes_positions_before_the_first_wrong_token():
     assert consistency_mask(fixed.clone(), fixed).tolist() == [False] * 4
     # a difference in the last token changes no input of this block
     assert consistency_mask(torch.tensor([1, 2, 3, 4, 9]), fixed).tolist() == [False] * 4
+
+
+def test_horizon_keeps_the_first_logits_from_the_first_wrong_token():
+    fixed = torch.tensor([1, 2, 3, 4, 5, 6])
+    state = torch.tensor([1, 9, 9, 4, 9, 6])
+    assert consistency_mask(state, fixed, horizon=2).tolist() == [False, True, True, False, False]
+    assert consistency_mask(state, fixed, horizon=9).tolist() == consistency_mask(state, fixed).tolist()
+    assert consistency_mask(fixed.clone(), fixed, horizon=2).tolist() == [False] * 5
 
 
 def test_local_and_global_targets():
@@ -98,14 +106,17 @@ def fake_batch(g, recipe):
     return records, choices
 
 
-@pytest.mark.parametrize("recipe,kind,ar_target", [
-    ("cllm", "global", "fixed_point"), ("cllm", "local", "fixed_point"), ("cllm", "global", "ground_truth"),
-    ("cllm", "local", "ground_truth"), ("jacobi_forcing", "global", "ground_truth"),
-    ("jacobi_forcing", "global", "fixed_point"), ("jacobi_forcing", "local", "ground_truth")])
-def test_packed_loss_and_gradients_equal_the_reference(recipe, kind, ar_target):
+@pytest.mark.parametrize("recipe,kind,ar_target,horizon", [
+    ("cllm", "global", "fixed_point", 0), ("cllm", "local", "fixed_point", 0),
+    ("cllm", "global", "ground_truth", 0), ("cllm", "local", "ground_truth", 0),
+    ("cllm", "global", "ground_truth", 2), ("jacobi_forcing", "global", "ground_truth", 0),
+    ("jacobi_forcing", "global", "fixed_point", 0), ("jacobi_forcing", "local", "ground_truth", 0),
+    ("jacobi_forcing", "global", "ground_truth", 2)])
+def test_packed_loss_and_gradients_equal_the_reference(recipe, kind, ar_target, horizon):
     g = torch.Generator().manual_seed(3)
     records, choices = fake_batch(g, recipe)
-    cfg = CLLMConfig(recipe=recipe, consistency=kind, ar_target=ar_target, ar_weight=3.0)
+    cfg = CLLMConfig(recipe=recipe, consistency=kind, ar_target=ar_target, ar_weight=3.0,
+                     horizon=horizon)
     model = make_model(seed=5)  # block_size 64
     model.train()
     ref = distillation_loss_reference(model, records, choices, cfg)
@@ -302,6 +313,17 @@ def test_guard_on_the_curves_of_two_real_runs():
             point(2.99, 3.674, repeated=0.98)]
     assert [guard(text[:k], TOLERANCE, 3)[2] for k in range(1, 5)] == [False, False, False, True]
     assert guard(text, TOLERANCE, 3)[0] == 0  # nothing beat the target within the tolerance
+
+
+def test_the_stop_line_says_what_collapsed_and_what_to_try():
+    at = lambda i, p: dict(p, iter=i)
+    text = [at(0, point(1.03, 3.551)), at(600, point(2.99, 3.674, repeated=0.98))]
+    assert stop_line(text, 3, TOLERANCE).startswith("stopped at iteration 600: 3 evaluations in a row")
+    assert "into repetition, and the target is weak (answer loss 3.55)" in stop_line(text, 3, TOLERANCE)
+    competent = [at(0, point(1.1, 0.02, 0.8)), at(400, point(3.0, 0.02, 0.8, repeated=0.3))]
+    assert stop_line(competent, 3, TOLERANCE).endswith("into repetition; raise ar_weight or lower learning_rate")
+    worse = [at(0, point(1.1, 0.02, 0.8)), at(400, point(3.0, 0.30, 0.5))]
+    assert "a collapse of quality; lower learning_rate" in stop_line(worse, 3, TOLERANCE)
 
 
 def test_guard_waits_out_a_dip_that_recovers():
