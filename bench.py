@@ -127,7 +127,8 @@ def bench_models(models, prompts, methods, max_new_tokens, eos_id=None, warmup=2
                     _add(row, tokens, stats.forwards, msecs)
                     row["fast_forwarded"] += stats.fast_forwarded
                     # stationary tokens exist only where a decoder records blocks (jacobi_decode)
-                    row["stationary"] = row["stationary"] + stats.stationary if stats.passes else None
+                    recorded = stats.passes and row["stationary"] is not None
+                    row["stationary"] = row["stationary"] + stats.stationary if recorded else None
                     row["exact"] += int(torch.equal(tokens, greedy))
                     row["speedups"].append(secs / msecs)
     return rows

@@ -18,7 +18,8 @@ from dataclasses import asdict
 import torch
 
 import train
-from bench import WEAK_ANSWER_LOSS, environment, held_out_comparison, methods_for, quality_problems
+from bench import (WEAK_ANSWER_LOSS, environment, held_out_comparison, methods_for, quality_problems,
+                   verdict)
 from data.common import load_records, longest_run, score
 from decoders import multiblock_jacobi_decode
 from jacobi import jacobi_decode
@@ -102,7 +103,7 @@ def report(cfg, target, enc, meta, curve, stopped, tolerance, max_new_tokens, de
           + (": no distilled model beat the target within the tolerance, so the 'CLLM' below is the "
              "target itself" if chosen["iter_num"] == 0 else "") + (f"; {stopped}" if stopped else ""))
     test_records = load_records(cfg.dataset, "test")[:cfg.final_prompts]
-    results, text = {}, ""
+    results = {}
     if test_records:
         print(f"held-out comparison on {len(test_records)} test prompts "
               f"({environment(device)['device']}, {torch.get_num_threads()} threads):")
@@ -123,5 +124,5 @@ def report(cfg, target, enc, meta, curve, stopped, tolerance, max_new_tokens, de
     with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
         json.dump(dict(config=asdict(cfg), environment=environment(device), metric=meta["metric"],
                        results=results, curve=curve, chosen_iter=chosen["iter_num"], stopped=stopped,
-                       verdict=text.splitlines()[-2:] if text else []), f, indent=1)
+                       verdict=verdict(results, tolerance) if results else []), f, indent=1)
     return results

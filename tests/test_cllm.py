@@ -1,6 +1,8 @@
 # Tests of train_cllm.py: batched trajectory collection, packing, the losses, and distillation
 # that measurably raises tokens per forward while Jacobi stays exactly greedy.
 # Run: python -m pytest -q tests/test_cllm.py
+import json
+
 import pytest
 import torch
 
@@ -363,3 +365,5 @@ def test_a_collapsing_run_says_so_instead_of_reporting_a_speedup(tiny_target, tm
     assert "no distilled model beat the target within the tolerance" in log
     assert "iter 60: loss" not in log
     assert results["CLLM"]["AR"]["answer_loss"] == results["target"]["AR"]["answer_loss"]
+    saved = json.loads((tmp_path / "cllm" / "results.json").read_text())
+    assert saved["verdict"] and all(line in log for line in saved["verdict"])  # the printed verdict
