@@ -14,7 +14,7 @@ Read jacobi_decode_reference first: the paper's loop with no cache, re-running t
 each iteration. jacobi_decode is the same loop with the KV cache and fast-forward; the tests check
 that it gives the same tokens and the same trajectory as the reference, and the same tokens as
 greedy_decode. collect_trajectories runs the same loop for many prompts at once: the training data
-of a CLLM (train_cllm.py). decoders.py has the decoders that go past the paper's loop.
+of a CLLM (train_cllm.py). extras/decoders.py has the decoders that go past the paper's loop.
 
 Call model.eval() first. Batch size 1 (but for collection): per-row acceptance makes batches ragged.
 """
@@ -108,19 +108,19 @@ def check_inputs(model, idx, max_new_tokens, n=1):
     return idx, min(max_new_tokens, cfg.block_size - P)
 
 
-def initial_guess(prefix, n, init, generator):
+def initial_guess(prefix, n, guess, generator):
     """y^(0), the first guess for a block of n tokens.
 
     "prefix": n tokens drawn uniformly, with replacement, from the prefix (the paper's choice;
     use the same one in trajectory collection, training and inference). "repeat": the last token
     n times. The generator lives on the prefix's device (see seeded), so drawing costs no sync.
     """
-    if init == "prefix":
+    if guess == "prefix":
         picks = torch.randint(len(prefix), (n,), generator=generator, device=prefix.device)
         return prefix[picks]
-    if init == "repeat":
+    if guess == "repeat":
         return prefix[-1:].repeat(n)
-    raise ValueError(f"unknown init {init!r}: use 'prefix' or 'repeat'")
+    raise ValueError(f"unknown guess {guess!r}: use 'prefix' or 'repeat'")
 
 
 def seeded(seed, device):
@@ -201,7 +201,7 @@ def greedy_decode(model, idx, max_new_tokens, eos_id=None):
 # Jacobi decoding
 
 @torch.no_grad()
-def jacobi_decode_reference(model, idx, max_new_tokens, n=16, eos_id=None, init="prefix", seed=0):
+def jacobi_decode_reference(model, idx, max_new_tokens, n=16, eos_id=None, guess="prefix", seed=0):
     """The paper's loop, no cache: every iteration runs the whole sequence again.
 
     Slow and obviously correct; the oracle of the tests. Returns (new tokens, [BlockTrajectory]).
@@ -211,7 +211,7 @@ def jacobi_decode_reference(model, idx, max_new_tokens, n=16, eos_id=None, init=
     seq, trajectory = prompt, []
     while len(seq) - len(prompt) < budget:
         b = min(n, budget - (len(seq) - len(prompt)))
-        y = initial_guess(seq, b, init, generator)
+        y = initial_guess(seq, b, guess, generator)
         states = [y]
         for _ in range(b + 1):  # b passes to converge at the latest, one more to see it
             logits, _ = model(torch.cat([seq, y[:-1]])[None])
@@ -231,7 +231,7 @@ def jacobi_decode_reference(model, idx, max_new_tokens, n=16, eos_id=None, init=
 
 
 @torch.no_grad()
-def jacobi_decode(model, idx, max_new_tokens, n=16, eos_id=None, init="prefix", seed=0):
+def jacobi_decode(model, idx, max_new_tokens, n=16, eos_id=None, guess="prefix", seed=0):
     """Jacobi decoding in blocks of n tokens, with the KV cache and fast-forward.
 
     Returns (new tokens (N,), JacobiStats). The tokens equal greedy_decode's (in float32).
@@ -263,7 +263,7 @@ def jacobi_decode(model, idx, max_new_tokens, n=16, eos_id=None, init="prefix", 
     stop = False
     while done < P + budget and not stop:
         start, end = done, min(done + n, P + budget)  # this block is seq[start:end]
-        seq[start:end] = initial_guess(seq[:start], end - start, init, generator)
+        seq[start:end] = initial_guess(seq[:start], end - start, guess, generator)
         states = [seq[start:end].clone()]
         while done < end and not stop:
             # One Jacobi iteration over the unconverged part of the block. Inputs: the final
@@ -271,8 +271,8 @@ def jacobi_decode(model, idx, max_new_tokens, n=16, eos_id=None, init="prefix", 
             # one) and the guesses; the logit at position i predicts the token at i + 1.
             logits, _ = model(seq[cached:end - 1][None], input_pos=range(cached, end - 1), cache=cache)
             y_next = logits[0, done - 1 - cached:].argmax(-1)  # (end - done,) for seq[done:end]
-            outputs, guess = torch.stack([y_next, seq[done:end]]).tolist()  # the pass's one device read
-            accepted, stop = accept(outputs, guess, eos_id)
+            outputs, drafted = torch.stack([y_next, seq[done:end]]).tolist()  # the pass's one device read
+            accepted, stop = accept(outputs, drafted, eos_id)
             seq[done:end] = y_next
             states.append(seq[start:end].clone())
             stats.accepted.append(accepted)
@@ -288,7 +288,7 @@ def jacobi_decode(model, idx, max_new_tokens, n=16, eos_id=None, init="prefix", 
 # Jacobi trajectories of many prompts at once: the training data of a CLLM
 
 @torch.no_grad()
-def collect_trajectories(model, prompts, n, max_new_tokens, eos_id=None, init="prefix", seeds=None):
+def collect_trajectories(model, prompts, n, max_new_tokens, eos_id=None, guess="prefix", seeds=None):
     """Jacobi-decode many prompts side by side; return, per prompt, its [BlockTrajectory].
 
     The same states as jacobi_decode(model, prompt, ..., seed=seeds[i]).trajectory, computed for
@@ -314,7 +314,7 @@ def collect_trajectories(model, prompts, n, max_new_tokens, eos_id=None, init="p
         sizes = [min(n, len(prompts[i]) + budgets[i] - len(seqs[i])) for i in active]
         y = torch.zeros(len(active), n, dtype=torch.long, device=device)
         for r, i in enumerate(active):
-            y[r, :sizes[r]] = initial_guess(seqs[i], sizes[r], init, generators[i])
+            y[r, :sizes[r]] = initial_guess(seqs[i], sizes[r], guess, generators[i])
         last = torch.stack([seqs[i][-1] for i in active])
         # inputs: the last final token, then the guesses; a row's padding sits at later positions
         pos = torch.stack([torch.arange(s - 1, s - 1 + n) for s in starts]).clamp(max=context - 1)

@@ -3,7 +3,7 @@ A GPT language model in one file, nanoGPT-style, with its own KV cache.
 
 Read from the smallest piece up: KVCache, CausalSelfAttention, MLP, Block, GPTConfig, GPT.
 Parameter names follow GPT-2 (transformer.wte, wpe, h.N.attn.c_attn, ...) so that GPT-2 weights
-load one to one (GPT.from_pretrained).
+load one to one (extras/gpt2.py).
 
 Three ways to call the model, all through GPT.forward:
   model(idx)                                   plain causal LM, logits for every position
@@ -14,9 +14,7 @@ Three ways to call the model, all through GPT.forward:
                                                written into `cache` at slots a .. b-1
 """
 
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -129,6 +127,31 @@ class GPTConfig:
     dropout: float = 0.0
 
 
+def pack(segments):
+    """Lay out sequences that each continue a prefix of the first, side by side in one row, for
+    a forward with explicit positions and an attention mask (train_cllm.py packs its batches):
+
+        row:        [p0 p1 p2 a b c] [d e] [f g]    segment 1 continues p0 p1 p2, segment 2 p0 p1
+        positions:   0  1  2  3 4 5   3 4   2 3     each token at its place in its own sequence
+        attention:  segment 0 causal; segment 1 sees columns 0..2 and itself causally; ..
+
+    so that every logit equals the one a separate forward of prefix + segment gives.
+    segments: [(tokens (L,), position of its first token, how many first columns it sees)], the
+    first one (tokens, 0, 0). Returns tokens, positions (T,), attn (T, T) and the first column of
+    every segment (plus T at the end)."""
+    first_col = [0]
+    for seg, _, _ in segments:
+        first_col.append(first_col[-1] + len(seg))
+    T = first_col[-1]
+    attn = torch.zeros(T, T, dtype=torch.bool)
+    for (seg, _, sees), c in zip(segments, first_col):
+        attn[c:c + len(seg), :sees] = True  # the prefix it continues
+        attn[c:c + len(seg), c:c + len(seg)] = torch.ones(len(seg), len(seg), dtype=torch.bool).tril()
+    tokens = torch.cat([seg for seg, _, _ in segments])
+    positions = torch.cat([torch.arange(p, p + len(seg)) for seg, p, _ in segments])
+    return tokens, positions, attn, first_col
+
+
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -218,93 +241,3 @@ class GPT(nn.Module):
         ]
         fused = device_type == "cuda"
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
-
-    @classmethod
-    def from_pretrained(cls, path):
-        """Load GPT-2 weights from a local directory in the Hugging Face layout.
-
-        The directory holds config.json and model.safetensors (or pytorch_model.bin), e.g. what
-        `huggingface-cli download gpt2 --local-dir gpt2` writes on a machine with internet.
-        No `transformers` needed: read the config, map the names, transpose GPT-2's Conv1D weights.
-        """
-        config = GPTConfig(**_read_gpt2_config(path))
-        sd = _read_weights(path)
-        sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
-        sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-        model = cls(config)
-        ours = {k.removeprefix("transformer."): v for k, v in model.state_dict().items()}
-        ours.pop("lm_head.weight")  # tied to wte
-        sd.pop("lm_head.weight", None)
-        missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
-        if missing or unexpected:
-            raise ValueError(f"{path}: not a GPT-2 checkpoint: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        with torch.no_grad():
-            for k, w in sd.items():
-                if k.endswith(conv1d):
-                    w = w.t()  # GPT-2's Conv1D stores (in, out); nn.Linear wants (out, in)
-                if w.shape != ours[k].shape:
-                    raise ValueError(f"{path}: {k} has shape {tuple(w.shape)}, "
-                                     f"expected {tuple(ours[k].shape)}")
-                ours[k].copy_(w.float())
-        return model
-
-
-# ----------------------------------------------------------------------------------------------
-# reading a Hugging Face GPT-2 directory without the transformers package
-
-def _read_gpt2_config(path):
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{path}: no config.json. Expected a Hugging Face GPT-2 directory "
-                                "(config.json + model.safetensors or pytorch_model.bin); see README")
-    try:
-        with open(cfg_path) as f:
-            hf = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
-    arch = hf.get("model_type")
-    if arch != "gpt2":
-        raise ValueError(f"{cfg_path}: model_type is {arch!r}; only GPT-2 ('gpt2') is supported")
-    try:
-        return dict(block_size=hf.get("n_positions", hf.get("n_ctx")), vocab_size=hf["vocab_size"],
-                    n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
-    except KeyError as e:
-        raise ValueError(f"{cfg_path}: missing key {e}") from None
-
-
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "F64": torch.float64}
-
-
-def _read_weights(path):
-    st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
-    if os.path.isfile(st):
-        return _read_safetensors(st)
-    if os.path.isfile(pt):
-        return torch.load(pt, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{path}: neither model.safetensors nor pytorch_model.bin found")
-
-
-def _read_safetensors(file):
-    """The safetensors format: 8-byte little-endian header size, a JSON header, raw tensor bytes."""
-    with open(file, "rb") as f:
-        data = f.read()
-    try:
-        n = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + n])
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not a safetensors file ({e})") from None
-    body = memoryview(data)[8 + n:]
-    sd = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{file}: {name} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        t = torch.frombuffer(bytearray(body[begin:end]), dtype=_SAFETENSORS_DTYPES[info["dtype"]])
-        sd[name] = t.reshape(info["shape"])
-    return sd
-

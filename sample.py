@@ -1,13 +1,17 @@
 """
-Sample from a trained model, with greedy AR decoding or with Jacobi decoding, and watch the
-Jacobi fixed point form.
+Sample from a model with greedy AR decoding or with Jacobi decoding, and watch the Jacobi fixed
+point form. Without a run of your own it loads the CLLM shipped in pretrained/arith-cllm.
 
-    python sample.py                         # greedy AR, the default CLLM, held-out prompts
     python sample.py --jacobi                # Jacobi decoding in blocks of --n tokens
-    python sample.py --jacobi --show         # every iteration of every block, target then CLLM
+    python sample.py --show                  # every pass of every block, target then CLLM
     python sample.py --compare               # AR and Jacobi on the same prompt: same tokens? speed
-    python sample.py --start="Question: Ava has 12 apples. ..."   # or --start=FILE:prompt.txt
-    python sample.py --out_dir=out-arith     # the target model instead of the CLLM
+    python sample.py                         # greedy AR
+    python sample.py --jacobi --start="Question: Ava has 12 apples. ...\nAnswer:\n"  # or FILE:path
+    python sample.py --out_dir=pretrained/arith-target   # the target model instead of the CLLM
+
+A model knows only prompts like its training data's: the arith models, the six templates of
+data/arith/prepare.py, each a question that ends in a line "Answer:". sample.py says when a
+--start prompt does not look like the data's (\n in --start is a new line).
 
 In --show, each line is one state of a block, the state after each forward pass: green tokens
 are committed (the decoder has accepted them), cyan tokens are right but not yet committed (the
@@ -23,26 +27,27 @@ from dataclasses import dataclass
 
 import torch
 
-import train
-from bench import timed
-from configurator import configure, run
+from common import (configure, decode_text, encode_prompts, find_checkpoint, load_model, run,
+                    setup_device)
 from data.common import generation_length, load_encoding, load_meta, load_records
+from extras.table import timed
 from jacobi import greedy_decode, jacobi_decode, stationary_tokens
 
 
 @dataclass
 class SampleConfig:
-    out_dir: str = "out-cllm-arith"   # the model: out_dir/ckpt.pt
+    out_dir: str = "out-cllm-arith"   # the model: out_dir/ckpt.pt; the shipped CLLM until you
+                                      # have run train_cllm.py
     ckpt: str = ""                    # a checkpoint path instead of out_dir/ckpt.pt
-    jacobi: bool = False
+    jacobi: bool = False              # Jacobi decoding instead of greedy AR
     n: int = 16                       # Jacobi block size
     show: bool = False                # print every Jacobi iteration (implies --jacobi)
     compare: bool = False             # AR and Jacobi on the same prompt
-    start: str = ""                   # a prompt, or FILE:path; empty: held-out prompts
-    num_samples: int = 2
+    start: str = ""                   # a prompt (\\n: a new line), or FILE:path; empty: test prompts
+    num_samples: int = 2              # test prompts to decode when --start is empty
     max_new_tokens: int = 0           # 0: from the data (data/common.generation_length)
     seed: int = 0                     # which held-out prompts, and the Jacobi initial guesses
-    device: str = "auto"
+    device: str = "auto"              # auto: cuda when there is one, else cpu
 
 
 COLOURS = {"committed": "\033[32m", "right": "\033[36m", "stationary": "\033[33m", "wrong": "\033[31m"}
@@ -114,37 +119,51 @@ def prompts_to_run(cfg, dataset):
             raise ValueError(f"{cfg.start[5:]} is not UTF-8 text ({e.reason} at byte {e.start}): "
                              "save the prompt as UTF-8") from None
     if cfg.start:
-        return [cfg.start]
+        return [cfg.start.replace("\\n", "\n")]
     records = load_records(dataset, "test")
     g = torch.Generator().manual_seed(cfg.seed)
     return [records[i]["prompt"] for i in torch.randperm(len(records), generator=g)[:cfg.num_samples]]
 
 
+def check_format(text, records):
+    """A note when a prompt does not start and end the way every prompt of the data does: the
+    model has seen nothing else, and its output will not be an answer."""
+    prompts = [r["prompt"] for r in records]
+    head, tail = os.path.commonprefix(prompts), os.path.commonprefix([p[::-1] for p in prompts])[::-1]
+    if text.startswith(head) and text.endswith(tail):
+        return None
+    return (f"note: every prompt of the data starts with {head!r} and ends with {tail!r}, this one "
+            "does not: the model has seen nothing like it, and its output will not be an answer. A "
+            f"prompt that works:\n{prompts[0]}")
+
+
 def main(argv):
     cfg = configure(SampleConfig(), argv)
-    device, _ = train.setup_device(cfg.device)
-    path = cfg.ckpt or os.path.join(cfg.out_dir, "ckpt.pt")
+    device, _ = setup_device(cfg.device)
+    path = cfg.ckpt or find_checkpoint(cfg.out_dir)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}: make one with `python train_cllm.py` "
-                                "(a CLLM, the default) or `python train.py` (a target), or point "
-                                "--out_dir/--ckpt at one")
-    model, ckpt = train.load_checkpoint(path, device)
+                                "(a CLLM) or `python train.py` (a target), or point --out_dir/--ckpt "
+                                "at one")
+    model, ckpt = load_model(path, device)  # (and the dataset it needs, prepared if missing)
     dataset = ckpt["dataset"]
-    train.check_vocabulary(model, load_meta(dataset), path)
     enc = load_encoding(dataset)
     models = [("model", model)]
-    target_dir = ckpt["config"].get("target_dir")
-    if cfg.show and ckpt.get("kind") == "cllm" and os.path.isfile(os.path.join(target_dir, "ckpt.pt")):
-        models = [("target", train.load_checkpoint(os.path.join(target_dir, "ckpt.pt"), device)[0]),
-                  ("CLLM", model)]
-    n, init = cfg.n, ckpt["config"].get("init", "prefix")  # the initial guess it was trained with
+    target_path = os.path.join(ckpt["config"].get("target_dir", ""), "ckpt.pt")
+    if cfg.show and ckpt.get("kind") == "cllm" and os.path.isfile(target_path):
+        models = [("target", load_model(target_path, device, dataset)[0]), ("CLLM", model)]
+    n, guess = cfg.n, ckpt["config"].get("guess", "prefix")  # the initial guess it was trained with
     if (cfg.jacobi or cfg.show or cfg.compare) and ckpt["config"].get("n", n) != n:
         print(f"note: this CLLM was distilled with n={ckpt['config']['n']}; --n={ckpt['config']['n']} "
               "decodes the way it was trained")
     colour = use_colour()
     max_new_tokens = cfg.max_new_tokens or generation_length(load_meta(dataset), model.config.block_size)
     texts = prompts_to_run(cfg, dataset)
-    prompts = train.encode_prompts(enc, [dict(prompt=t) for t in texts], model, max_new_tokens, device)
+    if cfg.start:
+        note = check_format(texts[0], load_records(dataset, "test"))
+        if note:
+            print(note)
+    prompts = encode_prompts(enc, [dict(prompt=t) for t in texts], model, max_new_tokens, device)
     for i, (text, prompt) in enumerate(zip(texts, prompts)):
         if i == 0:
             for _, m in models:  # warm-up: a first call pays one-time costs that timing must not see
@@ -155,26 +174,26 @@ def main(argv):
             if cfg.compare:
                 ar, ar_secs = timed(lambda: greedy_decode(m, prompt, max_new_tokens, enc.eot_token), device)
                 (jt, stats), j_secs = timed(lambda: jacobi_decode(
-                    m, prompt, max_new_tokens, n, enc.eot_token, init, cfg.seed), device)
-                print(train.decode_text(enc, ar))
+                    m, prompt, max_new_tokens, n, enc.eot_token, guess, cfg.seed), device)
+                print(decode_text(enc, ar))
                 print(f"AR:     {stats_line(len(ar), len(ar), ar_secs)}")
                 print(f"Jacobi: {stats_line(stats.tokens, stats.forwards, j_secs)}")
                 if torch.equal(ar, jt):
                     print(f"identical outputs; Jacobi speedup {ar_secs / j_secs:.2f}x")
                 else:
                     print("!!! MISMATCH: Jacobi and AR outputs differ (in float32 they must not; "
-                          f"bf16/fp16 can flip near-ties) !!!\nJacobi: {train.decode_text(enc, jt)!r}")
+                          f"bf16/fp16 can flip near-ties) !!!\nJacobi: {decode_text(enc, jt)!r}")
             elif cfg.jacobi or cfg.show:
                 (tokens, stats), secs = timed(lambda: jacobi_decode(
-                    m, prompt, max_new_tokens, n, enc.eot_token, init, cfg.seed), device)
+                    m, prompt, max_new_tokens, n, enc.eot_token, guess, cfg.seed), device)
                 if cfg.show:
                     print(f"--- {name}: Jacobi decoding, n={n} ---")
                     show_trajectory(enc, stats, colour)
-                print(train.decode_text(enc, tokens))  # (--show is for reading, not timing)
+                print(decode_text(enc, tokens))  # (--show is for reading, not timing)
                 print(stats_line(stats.tokens, stats.forwards, None if cfg.show else secs))
             else:
                 tokens, secs = timed(lambda: greedy_decode(m, prompt, max_new_tokens, enc.eot_token), device)
-                print(train.decode_text(enc, tokens))
+                print(decode_text(enc, tokens))
                 print(stats_line(len(tokens), len(tokens), secs))
 
 

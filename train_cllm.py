@@ -1,108 +1,104 @@
 """
-Consistency distillation (CLLM paper, section 3.2): fine-tune the target model on its own Jacobi
+Consistency distillation (CLLM paper, section 3.2): fine-tune a target model on its own Jacobi
 trajectories so that it maps any intermediate state of a block to the block's fixed point, and so
 gets several tokens right per forward pass while its greedy output stays the same.
 
-    python train_cllm.py                           # the whole default pipeline on a CPU
-    python train_cllm.py config/cllm_arith_long.py # a longer distillation
-    python train_cllm.py --recipe=jacobi_forcing   # the successor's recipe (Hu, Kou et al. 2025)
+    python train_cllm.py                           # distil the shipped arith target on a CPU
+    python train_cllm.py --target_dir=out-arith    # distil a target you trained (python train.py)
     python train_cllm.py --init_from=resume        # continue out_dir/last.pt exactly
+    python train_cllm.py --help                    # every setting, its default and its meaning
 
-1. collect: the target decodes the training prompts with Jacobi; every state y^(0) .. y* of every
-   block is kept (trajectories.py: out_dir/trajectories.pt, reused when the settings match).
-2. distil: loss = consistency + ar_weight * AR, from the target's weights. Read the losses and
-   distillation_loss_reference (the paper's equations, plain forwards) first; pack_row and
-   distillation_loss compute the same in one forward pass per batch. Every eval_interval steps
-   the quality guard (evaluate.py) keeps the best checkpoint within the target's quality.
-3. report (evaluate.py): target vs CLLM on held-out prompts, with the checkpoint the guard kept:
-   tokens per forward, tokens/s, speedup, quality, and a verdict.
-
-On a fresh clone `python train_cllm.py` first prepares data/arith and trains the target
-(python data/arith/prepare.py; python train.py) when they are missing.
+Read top to bottom:
+1. trajectories: the target Jacobi-decodes the training prompts (jacobi.collect_trajectories);
+   every state y^(0) .. y* of every block is kept, in out_dir/trajectories.pt:
+       record = {"prompt": (P,) ids, "answer": (A,) ground truth + EOS, "states": [(S_k, b_k)]}
+2. the losses: consistency_loss and ar_loss, the paper's equations, and
+   distillation_loss_reference, the loss of a batch with one plain forward per sequence;
+3. the packed batch: pack_row and distillation_loss compute the same in one forward per batch;
+4. the loop: AdamW from the target's weights; every eval_interval steps the CLLM is evaluated on
+   val prompts and ckpt.pt keeps the best one within the target's quality (the quality guard);
+5. the report: target vs CLLM on held-out test prompts (extras/table.py).
 """
 
 import copy
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-import distributed
-import train
-from bench import QUALITY_TOLERANCE, REPEAT_LIMIT
-from configurator import configure, run
-from data.common import generation_length, load_records
-from evaluate import describe, evaluate, guard, report, stop_line
-from packing import PackedRow, collate, pack
-from trajectories import fingerprint, load_or_collect, load_target
+from common import (configure, encode_prompts, fingerprint, get_lr, load_checkpoint, load_model,
+                    note_changed_settings, optimizer_step, refuse_to_overwrite, run, save_checkpoint,
+                    setup_device, tokenizer_fingerprint)
+from data.common import ensure_prepared, generation_length, load_encoding, load_meta, load_records
+from extras import ddp
+from extras.jacobi_forcing import noisy_streams
+from extras.quality import QUALITY_TOLERANCE, REPEAT_LIMIT, describe, evaluate, guard, stop_line
+from extras.table import report
+from extras.trajectories import load_or_collect
+from model import pack
 
 
 @dataclass
 class CLLMConfig:
-    out_dir: str = "out-cllm-arith"
-    target_dir: str = "out-arith"    # the target: target_dir/ckpt.pt, made by train.py
-    dataset: str = "arith"
-    init_from: Literal["target", "resume"] = "target"  # start from the target's weights, or
-                                                       # continue out_dir/last.pt
+    out_dir: str = "out-cllm-arith"  # the CLLM: out_dir/ckpt.pt, last.pt, trajectories.pt
+    target_dir: str = "pretrained/arith-target"  # the target: target_dir/ckpt.pt
+    dataset: str = "arith"           # data/<dataset>, made by data/<dataset>/prepare.py
+    init_from: Literal["target", "resume"] = "target"  # the target's weights, or out_dir/last.pt
     # 1. trajectories
     n: int = 16                      # Jacobi block size
-    init: Literal["prefix", "repeat"] = "prefix"  # initial guess y^(0): jacobi.initial_guess
+    guess: Literal["prefix", "repeat"] = "prefix"  # the initial guess y^(0) (jacobi.initial_guess)
     num_prompts: int = 4000          # training prompts to collect trajectories on
-    traj_max_new_tokens: int = 0     # 0: from the data (data/common.generation_length)
+    traj_max_new_tokens: int = 0     # tokens decoded per prompt; 0: from the data
     collect_batch: int = 64          # prompts decoded side by side
     repeat_limit: int = REPEAT_LIMIT  # drop a prompt whose output repeats a token this many times
-    # 2. distillation
-    recipe: Literal["cllm", "jacobi_forcing"] = "cllm"  # cllm: states after a clean prefix
-                                     # (the paper); jacobi_forcing: noisy streams (noisy_streams)
-    consistency: Literal["global", "local"] = "global"  # the target: y*, or the next state
-    ar_weight: float = 3.0           # loss = consistency + ar_weight * AR
-    ar_target: Literal["ground_truth", "fixed_point"] = "ground_truth"  # AR labels: the
-                                     # dataset's answer, or the target's own output y*
-    label_smoothing: float = 0.0
-    horizon: int = 0                 # consistency on this many logits from a state's first wrong
-                                     # token on (consistency_mask; 0: all, the paper)
-    states_per_block: int = 3        # cllm: states sampled per block and step (the paper: 1);
-                                     # jacobi_forcing: noisy streams per prompt and step
-    noise_window: int = 4            # jacobi_forcing: blocks over which the noise climbs 0 -> 1
+    # 2. the losses: consistency + ar_weight * AR
+    consistency: Literal["global", "local"] = "global"  # map a state to y*, or to the next state
+    ar_weight: float = 3.0           # the weight w of the AR loss (the authors: 10)
+    ar_target: Literal["ground_truth", "fixed_point"] = "ground_truth"  # AR labels: the data's
+                                     # answer, or the target's own output y*
+    states_per_block: int = 3        # states sampled per block and step (the paper: 1)
+    # 3. optimisation (AdamW, betas 0.9/0.99, no weight decay; warm-up, then cosine to min_lr)
     batch_size: int = 16             # prompts per step; each packs all of its blocks in one row
-    grad_accum: int = 1              # micro-steps per step (see distributed.py)
-    max_iters: int = 1200
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 50
-    lr_decay_iters: int = 0          # 0: max_iters
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    # evaluation and the quality guard
-    eval_interval: int = 200
-    eval_prompts: int = 50           # held-out (val) prompts for the periodic Jacobi evaluation
-    max_loss_rise: float = QUALITY_TOLERANCE["answer_loss"]  # an evaluation is acceptable when its
-    max_quality_drop: float = QUALITY_TOLERANCE["quality"]   # val answer loss, task quality and
-    max_repeat_rise: float = QUALITY_TOLERANCE["repeated"]   # repetition are this close to the target's
-    guard_patience: int = 3          # stop after this many unacceptable evaluations in a row with
-                                     # no fall of the answer loss or a rise of the
-                                     # repetition (evaluate.guard; 0: never)
-    max_new_tokens: int = 0          # 0: from the data (data/common.generation_length)
-    final_prompts: int = 500         # held-out (test) prompts for the final table
-    blocks: int = 2                  # multi-block Jacobi (decoders.py) over this many blocks of n,
-                                     # measured at every eval and in the table (0: plain Jacobi only)
-    lookup: bool = True              # the table also has prompt lookup, the training-free peer
-    log_interval: int = 25
-    device: str = "auto"
-    compile: bool = False
-    seed: int = 1337
+    max_iters: int = 1200            # optimizer steps
+    learning_rate: float = 1e-3      # after warmup_iters, cosine decay to min_lr
+    min_lr: float = 1e-4             # the learning rate at the end
+    warmup_iters: int = 50           # linear warm-up steps
+    lr_decay_iters: int = 0          # cosine reaches min_lr here; 0: at max_iters
+    grad_clip: float = 1.0           # clip the gradient norm to this (0: no clipping)
+    # 4. evaluation: which checkpoint is the CLLM, and the final table
+    eval_interval: int = 200         # Jacobi-decode the val prompts every this many steps
+    val_prompts: int = 50            # val prompts of each evaluation
+    test_prompts: int = 200          # test prompts of the final table (0: no table); 200 give
+                                     # an accuracy near 0.75 to +-0.03 (one standard error)
+    max_new_tokens: int = 0          # tokens decoded per prompt there; 0: from the data
+    log_interval: int = 25           # a progress line every this many steps
+    device: str = "auto"             # auto: cuda when there is one, else cpu
+    compile: bool = False            # torch.compile the training step (a GPU setting)
+    seed: int = 1337                 # the trajectories' guesses, the batches, the states drawn
+    # extras (a learner may skip them)
+    recipe: Literal["cllm", "jacobi_forcing"] = "cllm"  # jacobi_forcing: noisy streams of states
+                                     # (extras/jacobi_forcing.py); states_per_block streams
+    noise_window: int = 4            # jacobi_forcing: blocks over which the noise climbs 0 -> 1
+    horizon: int = 0                 # consistency on this many logits from a state's first wrong
+                                     # token on (0: all, the paper)
+    label_smoothing: float = 0.0     # of the AR loss
+    blocks: int = 2                  # the sliding-window decoder (extras/decoders.py) over blocks
+                                     # * n tokens, in the evaluations and the table (0: none)
+    lookup: bool = False             # the table also has prompt lookup, the training-free peer
+    max_loss_rise: float = QUALITY_TOLERANCE["answer_loss"]  # the guard (extras/quality.py)
+                                     # accepts this much more answer loss than the target's,
+    max_quality_drop: float = QUALITY_TOLERANCE["quality"]  # this much less task quality,
+    max_repeat_rise: float = QUALITY_TOLERANCE["repeated"]  # and this much more repetition
+    guard_patience: int = 3          # stop after this many unacceptable evaluations that do not
+                                     # recover (0: never)
+    grad_accum: int = 1              # micro-steps per step (extras/ddp.py)
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. the trajectories: trajectories.py (load_or_collect)
 # 2. the losses
-# 3. evaluation, the quality guard and the final table: evaluate.py
 
 def consistency_loss(student_logits, teacher_logits):
     """The consistency loss (paper section 3.2), over the unmasked block positions i:
@@ -143,7 +139,7 @@ def consistency_mask(state, target, horizon=0):
     same, so those positions are masked. horizon > 0 keeps only that many logits from the first
     wrong token on (the paper: all). (The authors' code keeps one more position, the logit
     that predicts the first differing token: its inputs are still the same and its KL is 0, so it
-    only adds to the count the mean divides by.) Padding never enters a block."""
+    only adds to the count the mean divides by.)"""
     differ = (state[:-1] != target[:-1]).long()
     first = int(differ.argmax()) if differ.any() else len(differ)
     i = torch.arange(len(differ))
@@ -202,17 +198,28 @@ def distillation_loss_reference(model, records, choices, cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# packing (packing.py): the same loss in one forward pass per batch
+# 3. the packed batch: the same loss in one forward pass per batch
+
+class PackedRow(NamedTuple):
+    tokens: torch.Tensor     # (T,)
+    positions: torch.Tensor  # (T,) the position each token has in its own sequence
+    attn: torch.Tensor       # (T, T) bool, True where a query may attend to a key
+    labels: torch.Tensor     # (T,) AR labels, -1 where none
+    student: torch.Tensor    # (C,) columns whose logits are the students of the consistency loss
+    teacher: torch.Tensor    # (C,) and the columns of their teachers
+
 
 def pack_row(record, picks, cfg, context):
     """One training row holding every sequence distillation_loss_reference runs for a record:
 
         [prompt y*_1 .. y*_K] [ground truth] [y of choice 1] [yhat of choice 1, if local] [..]
 
-    Every segment after the first continues a prefix of the first, and packing.pack lays them out
-    so that its logits are those of a separate forward of prefix + segment. The first gives the AR
-    term when the labels are y*, and the global teachers (y*_k sits in it); the ground-truth
-    segment gives the AR term on the dataset's answer. One forward replaces 2 + 2 * choices.
+    Every segment after the first continues a prefix of the first, and model.pack lays them out
+    so that its logits are those of a separate forward of prefix + segment. The first segment
+    gives the AR term when the labels are y*, and the global teachers (y*_k sits in it); the
+    ground-truth segment gives the AR term on the dataset's answer. One forward
+    of the row replaces the reference's 1 + 2 * len(picks) forwards (1 + 6K with the defaults:
+    K blocks, 3 states each).
     """
     prompt = record["prompt"].long()
     P = len(prompt)
@@ -240,11 +247,29 @@ def pack_row(record, picks, cfg, context):
             labels.append(torch.full((len(yhat),), -1))
             teacher, offset = len(segments) - 1, 0
         pairs.append((student, teacher, offset, consistency_mask(y, yhat, cfg.horizon).nonzero().flatten()))
-    tokens, positions, attn, first_col = pack(segments)
+    tokens, positions, attn, first_col = pack(segments)  # model.pack
     empty = torch.zeros(0, dtype=torch.long)
     return PackedRow(tokens, positions, attn, torch.cat(labels),
                      torch.cat([empty] + [first_col[st] + cols for st, _, _, cols in pairs]),
                      torch.cat([empty] + [first_col[te] + off + cols for _, te, off, cols in pairs]))
+
+
+def collate(rows, device):
+    """Pad packed rows to one batch. Padding attends only to itself (a query that sees nothing
+    would make softmax NaN) and has no label. Consistency columns become (row, column) pairs."""
+    B, T = len(rows), max(len(r.tokens) for r in rows)
+    tokens = torch.zeros(B, T, dtype=torch.long)
+    positions = torch.zeros(B, T, dtype=torch.long)
+    attn = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1)
+    labels = torch.full((B, T), -1, dtype=torch.long)
+    student, teacher = [], []
+    for b, r in enumerate(rows):
+        L = len(r.tokens)
+        tokens[b, :L], positions[b, :L], attn[b, :L, :L], labels[b, :L] = r.tokens, r.positions, r.attn, r.labels
+        student.append(torch.stack([torch.full_like(r.student, b), r.student], 1))
+        teacher.append(torch.stack([torch.full_like(r.teacher, b), r.teacher], 1))
+    student, teacher = torch.cat(student), torch.cat(teacher)
+    return [t.to(device) for t in (tokens, positions, attn, labels, student, teacher)]
 
 
 def distillation_loss(model, batch, cfg, shares=(1.0, 1.0)):
@@ -261,42 +286,12 @@ def distillation_loss(model, batch, cfg, shares=(1.0, 1.0)):
     return l_c + cfg.ar_weight * l_ar, l_c, l_ar
 
 
-# ----------------------------------------------------------------------------------------------
-# which states a step trains on: the two recipes
-
 def sample_choices(record, k, generator):
-    """The CLLM recipe: for every block, k distinct non-fixed-point states drawn uniformly (fewer
-    if it has fewer), each seen after the clean prefix prompt + y*_<k. The paper draws one; more
-    per block put more of each packed row to use."""
+    """Which states a step trains on, the CLLM recipe: for every block, k distinct
+    non-fixed-point states drawn uniformly (fewer if it has fewer), each seen after the clean
+    prefix prompt + y*_<k. The paper draws one; more put more of each packed row to use."""
     return [(b, [j]) for b, s in enumerate(record["states"])
             for j in torch.randperm(len(s) - 1, generator=generator)[:k].tolist()]
-
-
-def noise_ratio(state, fixed):
-    """Jacobi Forcing's noise of a state: the share of its block from the first wrong token on."""
-    wrong = (state != fixed).nonzero()
-    return (len(state) - int(wrong[0])) / len(state) if len(wrong) else 0.0
-
-
-def noisy_streams(record, k, window, generator):
-    """The Jacobi Forcing recipe: k noisy streams, each a state of every block, seen after the
-    prompt and the earlier *noisy* blocks. Progressive noise: block j aims at the noise ratio
-    t = schedule[(phase + j) mod window], schedule = linspace(0, 1, window), and takes the state
-    whose noise_ratio is nearest t. The phase is drawn per stream: Jacobi Forcing's answers have
-    ~32 blocks and a fixed phase, ours ~3, which would always train the first block clean."""
-    if not record["states"]:
-        return []
-    schedule = torch.linspace(0, 1, window).tolist()
-    streams = []
-    for _ in range(k):
-        phase = int(torch.randint(window, (1,), generator=generator))
-        js = []
-        for b, s in enumerate(record["states"]):
-            t = schedule[(phase + b) % window]
-            noise = [abs(noise_ratio(state, s[-1]) - t) for state in s]
-            js.append(noise.index(min(noise)))
-        streams.append((0, js))
-    return streams
 
 
 def choose_states(records, cfg, generator):
@@ -307,80 +302,82 @@ def choose_states(records, cfg, generator):
 
 
 # ----------------------------------------------------------------------------------------------
+# 4. the loop
 
 def main(argv):
     cfg = configure(CLLMConfig(), argv)
-    device, ctx = train.setup_device(cfg.device)
-    world, device = distributed.init(device)  # ddp
+    device, autocast = setup_device(cfg.device)
+    world, device = ddp.init(device)
     say = print if world.master else lambda *a, **k: None
-    per_process = distributed.per_process_batch(cfg.batch_size, cfg.grad_accum, world)  # ddp
-    train.refuse_to_overwrite(cfg.out_dir, cfg.init_from)
-    if cfg.eval_prompts < 1:
-        raise ValueError("eval_prompts must be at least 1: the guard chooses the CLLM by them")
-    target, meta, enc = load_target(cfg, device, world)
+    per_process = ddp.per_process_batch(cfg.batch_size, cfg.grad_accum, world)
+    refuse_to_overwrite(cfg.out_dir, cfg.init_from)
+    if cfg.val_prompts < 1:
+        raise ValueError("val_prompts must be at least 1: the guard chooses the CLLM by them")
+    if world.size == 1:
+        ensure_prepared(cfg.dataset)  # a fresh clone prepares data/arith here (~20 s)
+    target, _ = load_model(os.path.join(cfg.target_dir, "ckpt.pt"), device, cfg.dataset, say)
+    meta, enc = load_meta(cfg.dataset), load_encoding(cfg.dataset)
     context = target.config.block_size
     cfg = replace(cfg, max_new_tokens=cfg.max_new_tokens or generation_length(meta, context),
                   traj_max_new_tokens=cfg.traj_max_new_tokens or generation_length(meta, context))
-    max_new_tokens = cfg.max_new_tokens
     torch.manual_seed(cfg.seed + world.rank)
     target_id = fingerprint(target.state_dict())  # which target the trajectories and CLLM come from
-    prompts = load_or_collect(cfg, target, target_id, enc, world)
-    if not prompts:
+
+    # 1. the trajectories, collected once per target and settings
+    records = load_or_collect(cfg, target, target_id, enc, world)
+    if not records:
         raise ValueError("no usable trajectories (every prompt was dropped as repetitive)")
 
-    # 2. distil, from the target's weights or from last.pt of this script
+    # the CLLM starts from the target's weights (or from last.pt of an earlier run)
     last_path, best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "ckpt.pt")
     batch_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every process
-    iter_num, curve, train_secs, stopped = 0, [], 0.0, None
-    last_eval = -1  # the iteration of the last evaluation, known to every process
+    iter_num, curve, train_secs, stopped, last_eval = 0, [], 0.0, None, -1
     if cfg.init_from == "resume":
-        model, checkpoint = train.load_checkpoint(last_path, device)
-        train.note_changed_settings(checkpoint["config"], cfg)
+        model, checkpoint = load_checkpoint(last_path, device)
+        note_changed_settings(checkpoint["config"], cfg)
         iter_num, curve, train_secs = checkpoint["iter_num"], checkpoint["curve"], checkpoint["train_secs"]
         last_eval = curve[-1]["iter"]
         batch_gen.set_state(checkpoint["batch_rng"])
-        distributed.restore_rng(checkpoint["torch_rng"], world)
+        ddp.restore_rng(checkpoint["torch_rng"], world)
     else:
-        model = copy.deepcopy(target)  # the CLLM starts from the target's weights
+        model = copy.deepcopy(target)
     model.train()
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
-                                           (cfg.beta1, cfg.beta2), device.type)
+    optimizer = model.configure_optimizers(0.0, cfg.learning_rate, (0.9, 0.99), device.type)
     if cfg.init_from == "resume":
         optimizer.load_state_dict(checkpoint["optimizer"])
-    train_model = distributed.wrap(torch.compile(model) if cfg.compile else model, world, device)
+    train_model = ddp.wrap(torch.compile(model) if cfg.compile else model, world, device)
     tolerance = dict(answer_loss=cfg.max_loss_rise, quality=cfg.max_quality_drop,
                      repeated=cfg.max_repeat_rise)
-    eval_records = load_records(cfg.dataset, "val")[:cfg.eval_prompts] if world.master else []
-    eval_prompts = train.encode_prompts(enc, eval_records, model, max_new_tokens, device, "val prompts")
-    say(f"distilling {model.num_params() / 1e6:.2f}M parameters on {len(prompts)} prompts "
-        f"({sum(len(p['states']) for p in prompts)} blocks): {cfg.recipe} recipe, {cfg.consistency} "
-        f"consistency + {cfg.ar_weight} * AR ({cfg.ar_target}), from iter {iter_num} to {cfg.max_iters}")
+    val_records = load_records(cfg.dataset, "val")[:cfg.val_prompts] if world.master else []
+    val_prompts = encode_prompts(enc, val_records, model, cfg.max_new_tokens, device, "val prompts")
+    say(f"distilling on {len(records)} prompts ({sum(len(r['states']) for r in records)} blocks): "
+        f"{cfg.recipe} recipe, {cfg.consistency} consistency + {cfg.ar_weight} * AR "
+        f"({cfg.ar_target}), from iter {iter_num} to {cfg.max_iters}")
 
     def evaluate_and_save():
         """Evaluate on the val prompts; last.pt always, ckpt.pt when the guard has a new best."""
         nonlocal stopped, last_eval
         last_eval = iter_num
-        rng = distributed.all_gather(torch.get_rng_state(), world)  # ddp: every process's
+        rng = ddp.all_gather(torch.get_rng_state(), world)  # every process's RNG, for resuming
         if world.master:
             t = time.time()
-            e = evaluate(model, enc, eval_prompts, eval_records, cfg, meta["metric"], max_new_tokens, device)
+            e = evaluate(model, enc, val_prompts, val_records, cfg, meta["metric"], cfg.max_new_tokens, device)
             curve.append(dict(iter=iter_num, train_minutes=round(train_secs / 60, 2), **e))
             best, problems, stop = guard(curve, tolerance, cfg.guard_patience)
-            print(describe(curve[-1], meta["metric"], len(eval_records), time.time() - t,
+            print(describe(curve[-1], meta["metric"], len(val_records), time.time() - t,
                            None if best == len(curve) - 1 else curve[best]["iter"], problems))
             state = dict(model=model.state_dict(), model_args=asdict(model.config), iter_num=iter_num,
                          config=asdict(cfg), dataset=cfg.dataset, kind="cllm", target=target_id,
-                         curve=curve)
+                         tokenizer=tokenizer_fingerprint(cfg.dataset), curve=curve)
             if iter_num > 0:
-                train.save_checkpoint(last_path, dict(
-                    state, optimizer=optimizer.state_dict(), train_secs=train_secs,
-                    batch_rng=batch_gen.get_state(), torch_rng=rng))
+                save_checkpoint(last_path, dict(state, optimizer=optimizer.state_dict(), train_secs=train_secs,
+                                                batch_rng=batch_gen.get_state(), torch_rng=rng))
             if best == len(curve) - 1:
-                train.save_checkpoint(best_path, state)
+                save_checkpoint(best_path, state)  # the CLLM: the most tokens/forward, quality kept
             if stop:
                 stopped = stop_line(curve, cfg.guard_patience, tolerance)
                 print(stopped)
-        stopped = distributed.all_gather(stopped, world)[0]  # ddp: rank 0 decides
+        stopped = ddp.all_gather(stopped, world)[0]  # rank 0 decides
 
     t0, last_log = time.time(), iter_num
     while iter_num < cfg.max_iters and not stopped:
@@ -389,33 +386,32 @@ def main(argv):
             t0, last_log = time.time(), iter_num
             if stopped:
                 break
-        lr = train.get_lr(iter_num, cfg, cfg.max_iters)
+        lr = get_lr(iter_num, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()  # (evaluation leaves it in eval mode)
         step_start = time.time()
-        idx = torch.randint(len(prompts), (cfg.batch_size,), generator=batch_gen).tolist()
-        picked = [prompts[i] for i in idx]
+        idx = torch.randint(len(records), (cfg.batch_size,), generator=batch_gen).tolist()
+        picked = [records[i] for i in idx]
         choices = choose_states(picked, cfg, batch_gen)  # drawn for the whole batch by every process
-        mine = distributed.my_share(list(zip(picked, choices)), world, per_process * cfg.grad_accum)
+        mine = ddp.my_share(list(zip(picked, choices)), world, per_process * cfg.grad_accum)
         rows = [pack_row(r, c, cfg, context) for r, c in mine]
-        counts = distributed.all_sum([sum(len(r.student) for r in rows),  # ddp: the whole batch's
-                                      sum(int((r.labels != -1).sum()) for r in rows)], world)
+        counts = ddp.all_sum([sum(len(r.student) for r in rows),  # the whole batch's positions
+                              sum(int((r.labels != -1).sum()) for r in rows)], world)
         terms = torch.zeros(2)
-        for micro in range(cfg.grad_accum):
+        for micro, sync in ddp.micro_steps(train_model, world, cfg.grad_accum):
             part = rows[micro * per_process:(micro + 1) * per_process]
             shares = (sum(len(r.student) for r in part) / max(counts[0], 1),
                       sum(int((r.labels != -1).sum()) for r in part) / max(counts[1], 1))
-            last_micro = micro == cfg.grad_accum - 1  # ddp: average the gradients only then
-            with ctx, (train_model.no_sync() if world.size > 1 and not last_micro else nullcontext()):
+            with autocast, sync:
                 loss, l_c, l_ar = distillation_loss(train_model, collate(part, device), cfg, shares)
                 (loss * world.size).backward()  # DDP averages over the processes; the shares sum
             terms += torch.stack([l_c.detach().float().cpu(), l_ar.detach().float().cpu()])
-        train.optimizer_step(model, optimizer, cfg.grad_clip)
+        optimizer_step(model, optimizer, cfg.grad_clip)
         train_secs += time.time() - step_start
         iter_num += 1
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-            l_c, l_ar = distributed.all_sum(terms.tolist(), world)  # ddp: the whole batch's means
+            l_c, l_ar = ddp.all_sum(terms.tolist(), world)  # the whole batch's means
             dt = (time.time() - t0) / (iter_num - last_log)
             t0, last_log = time.time(), iter_num
             say(f"iter {iter_num}: loss {l_c + cfg.ar_weight * l_ar:.4f} (consistency {l_c:.4f}, "
@@ -423,10 +419,12 @@ def main(argv):
                 f"eta {(cfg.max_iters - iter_num) * dt / 60:.1f} min")
     if not stopped and last_eval != iter_num:
         evaluate_and_save()
+
+    # 5. the report, with the checkpoint the guard kept
     results = {}
     if world.master:
-        results = report(cfg, target, enc, meta, curve, stopped, tolerance, max_new_tokens, device)
-    distributed.finish(world)
+        results = report(cfg, target, enc, meta, curve, stopped, tolerance, cfg.max_new_tokens, device)
+    ddp.finish(world)
     return results
 
 

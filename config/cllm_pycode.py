@@ -11,5 +11,5 @@ batch_size = 8
 states_per_block = 2
 max_iters = 400
 eval_interval = 100
-eval_prompts = 30
-final_prompts = 100
+val_prompts = 30
+test_prompts = 100

@@ -1,4 +1,4 @@
-# The pycode target (CPython standard library functions) on a CPU (16 minutes on 1 thread of machine A).
+# The pycode target (CPython standard library functions) on a CPU (about 16 minutes on one thread of a 2-core AMD EPYC).
 # python data/pycode/prepare.py && python train.py config/train_pycode.py
 out_dir = "out-pycode"
 dataset = "pycode"
@@ -10,5 +10,5 @@ batch_size = 16
 max_iters = 1200
 learning_rate = 2e-3
 min_lr = 2e-4
-eval_prompts = 100
+test_prompts = 100
 max_new_tokens = 128

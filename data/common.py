@@ -15,6 +15,7 @@ only and the split is stable from run to run.
 
 import ast
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -22,7 +23,7 @@ import time
 
 import numpy as np
 
-from tokenizer import SPLIT_PATTERN, load_tokenizer, make_encoding, save_ranks, train_bpe
+from data.tokenizer import SPLIT_PATTERN, load_tokenizer, make_encoding, save_ranks, train_bpe
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 SPLITS = ("train", "val", "test")
@@ -144,6 +145,16 @@ def _write_jsonl(path, records):
 
 # ----------------------------------------------------------------------------------------------
 # reading a prepared dataset
+
+def ensure_prepared(name):
+    """Prepare a dataset that ships its own prepare.py (arith, pycode) when it is missing, saying
+    so; any other missing dataset is an error that says how to prepare it."""
+    if os.path.isfile(os.path.join(dataset_dir(name), "meta.json")) or name not in ("arith", "pycode"):
+        return load_meta(name)
+    print(f"data/{name} is missing: preparing it (by hand: python data/{name}/prepare.py)")
+    importlib.import_module(f"data.{name}.prepare").prepare([])
+    return load_meta(name)
+
 
 def load_meta(name):
     path = os.path.join(dataset_dir(name), "meta.json")

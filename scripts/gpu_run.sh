@@ -37,10 +37,10 @@ if [ "$smoke" = 1 ]; then  # toy sizes on the CPU: the same steps and files, in 
   dev=(--device=cpu)
   prep=(--name="$data" --num_train=300 --num_val=10 --num_test=10)
   target=(--n_layer=1 --n_head=2 --n_embd=32 --batch_size=8 --max_iters=20 --eval_interval=10
-          --eval_iters=1 --val_prompts=2 --eval_prompts=4 --compile=False)
+          --eval_iters=1 --val_prompts=2 --test_prompts=4 --compile=False)
   cllm=(--num_prompts=16 --collect_batch=8 --batch_size=4 --max_iters=4 --eval_interval=2
-        --eval_prompts=2 --final_prompts=4 --compile=False)
-  bench=(--num_prompts=4)
+        --val_prompts=2 --test_prompts=4 --compile=False)
+  bench=(--test_prompts=4)
   echo "=== tests: skipped in --smoke (the CPU suite runs them)"
 else
   data=arith
@@ -48,7 +48,7 @@ else
   prep=()
   target=()
   cllm=()
-  bench=(--num_prompts=500)
+  bench=(--test_prompts=500)
   step tests "$py" -m pytest -q -p no:cacheprovider --device=cuda tests/test_model.py \
     tests/test_jacobi.py tests/test_decoders.py
 fi

@@ -1,6 +1,6 @@
 """
 Distillation curves as an SVG picture, from the results.json files train_cllm.py writes: tokens
-per forward (plain and multi-block Jacobi) and quality on the val prompts against minutes of
+per forward (plain and sliding window Jacobi) and quality on the val prompts against minutes of
 distillation, one line per run. Plain Python, no plotting package.
 
     python scripts/plot_curves.py out-cllm-a/results.json out-cllm-b/results.json --out=curves.svg
@@ -48,8 +48,8 @@ def svg(runs):
     for i, (label, results) in enumerate(runs):
         colour, curve = COLOURS[i % len(COLOURS)], results["curve"]
         speed.append((label, colour, "", [(c["train_minutes"], c["tokens_per_forward"]) for c in curve]))
-        if curve[0].get("multiblock_tokens_per_forward"):
-            speed.append((label, colour, "5,3", [(c["train_minutes"], c["multiblock_tokens_per_forward"])
+        if curve[0].get("window_tokens_per_forward"):
+            speed.append((label, colour, "5,3", [(c["train_minutes"], c["window_tokens_per_forward"])
                                                  for c in curve]))
         key = "quality" if curve[0]["quality"] is not None else "answer_loss"
         quality.append((label, colour, "", [(c["train_minutes"], c[key]) for c in curve]))
@@ -58,7 +58,7 @@ def svg(runs):
     q_name = f"{metric} (val)" if runs[0][1]["curve"][0]["quality"] is not None else "answer loss (val)"
     y_speed = max(y for *_, pts in speed for _, y in pts) * 1.1 or 1.0
     y_quality = max(y for *_, pts in quality for _, y in pts) * 1.1 or 1.0
-    body = panel(LEFT, "tokens per forward (dashed: multi-block)", speed, "tokens / forward", y_speed)
+    body = panel(LEFT, "tokens per forward (dashed: sliding window)", speed, "tokens / forward", y_speed)
     body += panel(LEFT + PANEL_W + GAP, q_name, quality, q_name, y_quality)
     for i, (label, colour) in enumerate(legend):  # two to a line
         y = TOP + PANEL_H + 58 + 18 * (i // 2)

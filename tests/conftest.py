@@ -54,7 +54,7 @@ def tiny_target(tmp_path_factory):
     prepare([f"--name={data}", "--num_train=200", "--num_val=10", "--num_test=10"])
     train.main([f"--dataset={data}", f"--out_dir={root / 'target'}", "--n_layer=1", "--n_head=2",
                 "--n_embd=32", "--batch_size=8", "--max_iters=20", "--eval_interval=1000",
-                "--eval_iters=1", "--eval_prompts=0", "--warmup_iters=2"])
+                "--eval_iters=1", "--test_prompts=0", "--warmup_iters=2"])
     return data, str(root / "target")
 
 
@@ -66,6 +66,6 @@ def tiny_cllm(tiny_target, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("cllm") / "cllm")
     train_cllm.main([f"--dataset={data}", f"--target_dir={target}", f"--out_dir={out}", "--n=4",
                      "--num_prompts=8", "--traj_max_new_tokens=16", "--batch_size=4", "--max_iters=2",
-                     "--eval_prompts=2", "--max_new_tokens=16", "--final_prompts=2",
+                     "--val_prompts=2", "--max_new_tokens=16", "--test_prompts=2",
                      "--repeat_limit=1000"])
     return out

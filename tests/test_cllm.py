@@ -8,11 +8,11 @@ import torch
 
 import train_cllm
 from conftest import make_model
-from evaluate import guard, stop_line
+from extras.quality import guard, stop_line
 from jacobi import collect_trajectories, greedy_decode, jacobi_decode
-from packing import collate
-from train_cllm import (CLLMConfig, consistency_loss, consistency_mask, consistency_target,
-                        distillation_loss, distillation_loss_reference, noise_ratio, noisy_streams,
+from extras.jacobi_forcing import noise_ratio, noisy_streams
+from train_cllm import (CLLMConfig, collate, consistency_loss, consistency_mask, consistency_target,
+                        distillation_loss, distillation_loss_reference, 
                         pack_row)
 
 
@@ -241,7 +241,7 @@ def test_distillation_raises_tokens_per_forward():
 def cllm_args(data, target, out_dir, **overrides):
     args = dict(dataset=data, target_dir=target, out_dir=out_dir, n=4, num_prompts=12,
                 traj_max_new_tokens=16, collect_batch=5, batch_size=4, max_iters=4,
-                eval_interval=2, eval_prompts=2, max_new_tokens=16, final_prompts=2,
+                eval_interval=2, val_prompts=2, max_new_tokens=16, test_prompts=2,
                 log_interval=1, warmup_iters=1, repeat_limit=1000, guard_patience=0)
     args.update(overrides)
     return [f"--{k}={v}" for k, v in args.items()]
@@ -303,7 +303,7 @@ def test_guard_keeps_the_best_acceptable_point_and_stops_a_collapse():
 
 
 def test_guard_on_the_curves_of_two_real_runs():
-    """The arith default (machine B): four evaluations outside the tolerance while the accuracy
+    """The arith default (a 2-core AMD EPYC): four evaluations outside the tolerance while the accuracy
     recovers, never a stop. Bible text with the default settings: the answer loss hardly moves
     while the repetitive outputs rise 74% -> 92% -> 98%: stopped at the third."""
     arith = [point(1.11, 0.023, 0.78), point(1.72, 0.072, 0.44, 0.06), point(2.19, 0.057, 0.52),
@@ -320,12 +320,16 @@ def test_guard_on_the_curves_of_two_real_runs():
 def test_the_stop_line_says_what_collapsed_and_what_to_try():
     at = lambda i, p: dict(p, iter=i)
     text = [at(0, point(1.03, 3.551)), at(600, point(2.99, 3.674, repeated=0.98))]
-    assert stop_line(text, 3, TOLERANCE).startswith("stopped at iteration 600: 3 evaluations in a row")
-    assert "into repetition, and the target is weak (answer loss 3.55)" in stop_line(text, 3, TOLERANCE)
+    weak = stop_line(text, 3, TOLERANCE)
+    assert weak.startswith("stopped at iteration 600: 3 evaluations in a row")
+    assert "repeat themselves, and the target is weak (answer loss 3.55)" in weak and "prompt lookup" in weak
     competent = [at(0, point(1.1, 0.02, 0.8)), at(400, point(3.0, 0.02, 0.8, repeated=0.3))]
-    assert stop_line(competent, 3, TOLERANCE).endswith("into repetition; raise ar_weight or lower learning_rate")
+    assert stop_line(competent, 3, TOLERANCE).endswith(
+        "the outputs repeat themselves. Try a higher ar_weight or a lower learning_rate.")
     worse = [at(0, point(1.1, 0.02, 0.8)), at(400, point(3.0, 0.30, 0.5))]
-    assert "a collapse of quality; lower learning_rate" in stop_line(worse, 3, TOLERANCE)
+    assert stop_line(worse, 3, TOLERANCE).endswith(
+        "not recovering. Try a lower learning_rate or max_iters, or a higher ar_weight.")
+    assert all(line.count(". ") <= 2 for line in (weak, stop_line(worse, 3, TOLERANCE)))  # two sentences
 
 
 def test_guard_waits_out_a_dip_that_recovers():
@@ -338,7 +342,8 @@ def test_guard_waits_out_a_dip_that_recovers():
 
 
 def test_verdict_of_a_faster_but_worse_model():
-    from bench import markdown_table, verdict
+    from extras.quality import verdict
+    from extras.table import markdown_table
     row = lambda tpf, speedup, loss, rep: dict(tokens_per_forward=tpf, tokens_per_s=1.0, speedup=speedup,
                                               exact="9/9", forward_cost=1.4, quality=None,
                                               answer_loss=loss, repeated=rep)
@@ -346,8 +351,8 @@ def test_verdict_of_a_faster_but_worse_model():
                "CLLM": {"AR": row(1.0, 1.0, 4.584, 0.60), "Jacobi n=16": row(4.93, 3.62, 4.584, 0.60)}}
     lines = verdict(results, TOLERANCE)
     assert lines[1].startswith("CLLM Jacobi n=16: 3.62x its own AR at 4.93 tokens/forward, but quality fell")
-    assert "NOT a usable speedup" in lines[1]
-    assert "does not pay on this machine" in lines[0] and "answer loss 4.13" in lines[0]
+    assert "not a usable speedup" in lines[1]
+    assert "does not pay here" in lines[0] and "answer loss 4.13" in lines[0]
     table = markdown_table(results, None, TOLERANCE)
     assert table.count("(quality fell)") == 2  # both CLLM rows, none of the target's
 
@@ -359,9 +364,9 @@ def test_a_collapsing_run_says_so_instead_of_reporting_a_speedup(tiny_target, tm
     data, target = tiny_target
     results = train_cllm.main(cllm_args(data, target, str(tmp_path / "cllm"), learning_rate=3.0,
                                         min_lr=3.0, max_iters=60, eval_interval=2, guard_patience=2,
-                                        eval_prompts=4))
+                                        val_prompts=4))
     log = capsys.readouterr().out
-    assert "stopped at iteration" in log and "a collapse" in log
+    assert "stopped at iteration" in log and "not recovering" in log
     assert "no distilled model beat the target within the tolerance" in log
     assert "iter 60: loss" not in log
     assert results["CLLM"]["AR"]["answer_loss"] == results["target"]["AR"]["answer_loss"]

@@ -1,10 +1,10 @@
-# Tests of configurator.py: config files, --key=value, and the errors for bad settings.
+# Tests of the settings (common.configure): config files, --key=value, and the errors for bad settings.
 # Run: python -m pytest -q tests/test_configurator.py
 from dataclasses import dataclass, field
 
 import pytest
 
-from configurator import configure
+from common import configure
 
 
 @dataclass

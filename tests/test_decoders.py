@@ -1,11 +1,11 @@
-# Tests of decoders.py: prompt lookup and multi-block Jacobi are exactly greedy decoding.
+# Tests of extras/decoders.py: prompt lookup and the sliding window are exactly greedy decoding.
 # Run: python -m pytest -q tests/test_decoders.py
 import itertools
 
 import pytest
 
 from conftest import make_model, random_prompt
-from decoders import lookup_draft, multiblock_jacobi_decode, prompt_lookup_decode
+from extras.decoders import lookup_draft, prompt_lookup_decode, sliding_window_jacobi_decode
 from jacobi import greedy_decode
 
 
@@ -37,7 +37,7 @@ def test_decoders_equal_greedy_fuzz(models, model_key, P, n, seed):
     prompt = random_prompt(P, seed=100 * n + seed, vocab_size=vocab)
     check(models[model_key], prompt, 11 + 5 * seed,
           lookup=lambda *a, **k: prompt_lookup_decode(*a, **k, ngram=1 + seed, draft_len=n),
-          multiblock=lambda *a, **k: multiblock_jacobi_decode(*a, **k, n=n, blocks=1 + seed, seed=seed))
+          window=lambda *a, **k: sliding_window_jacobi_decode(*a, **k, n=n, blocks=1 + seed, seed=seed))
 
 
 @pytest.mark.parametrize("n", [1, 3, 16])
@@ -49,7 +49,7 @@ def test_eos_inside_a_draft(models, n):
         eos_id = int(free[len(free) // 2])
         greedy = check(model, prompt, 40, eos_id,
                        lookup=lambda *a, **k: prompt_lookup_decode(*a, **k, draft_len=n),
-                       multiblock=lambda *a, **k: multiblock_jacobi_decode(*a, **k, n=n, seed=seed))
+                       window=lambda *a, **k: sliding_window_jacobi_decode(*a, **k, n=n, seed=seed))
         assert greedy[-1] == eos_id and eos_id not in greedy[:-1].tolist()
 
 
@@ -57,7 +57,7 @@ def test_eos_inside_a_draft(models, n):
 def test_decoders_stop_at_the_context_limit(models, P):
     greedy = check(models["repetitive"], random_prompt(P, seed=P, vocab_size=6), 1000,
                    lookup=prompt_lookup_decode,
-                   multiblock=lambda *a, **k: multiblock_jacobi_decode(*a, **k, n=16, blocks=3))
+                   window=lambda *a, **k: sliding_window_jacobi_decode(*a, **k, n=16, blocks=3))
     assert len(greedy) == 64 - P
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train
+from common import load_checkpoint
 import train_cllm
 from test_cllm import cllm_args
 
@@ -44,7 +45,7 @@ def losses(log):
 def tiny_train_args(data, out_dir):
     return [f"--dataset={data}", f"--out_dir={out_dir}", "--n_layer=1", "--n_head=2", "--n_embd=32",
             "--block_size=64", "--batch_size=8", "--max_iters=12", "--eval_interval=6", "--eval_iters=1",
-            "--log_interval=1", "--val_prompts=0", "--eval_prompts=2", "--warmup_iters=2",
+            "--log_interval=1", "--val_prompts=0", "--test_prompts=2", "--warmup_iters=2",
             "--dropout=0.0"]
 
 
@@ -59,7 +60,7 @@ def test_train_on_two_processes_matches_one(tiny_target, tmp_path, capsys):
     assert len(one) == len(two) == 12
     assert one[-1] < one[0] and two[-1] < two[0]  # it learns
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-5)
-    model, ckpt = train.load_checkpoint(str(tmp_path / "two" / "ckpt.pt"))
+    model, ckpt = load_checkpoint(str(tmp_path / "two" / "ckpt.pt"))
     assert not any(k.startswith("module.") for k in ckpt["model"])  # the plain module's weights
     assert sorted(os.listdir(tmp_path / "two")) == ["ckpt.pt", "last.pt"]
     a = torch.load(tmp_path / "one" / "last.pt", weights_only=False)["model"]

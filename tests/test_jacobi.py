@@ -13,12 +13,12 @@ BLOCK_SIZES = [1, 2, 3, 7, 16, 33]
 
 
 
-def assert_all_agree(model, prompt, max_new_tokens, n, eos_id=None, seed=0, init="prefix"):
+def assert_all_agree(model, prompt, max_new_tokens, n, eos_id=None, seed=0, guess="prefix"):
     """greedy == Jacobi (cached) == Jacobi (reference), tokens and trajectories; stats add up."""
     greedy = greedy_decode(model, prompt, max_new_tokens, eos_id)
-    tokens, stats = jacobi_decode(model, prompt, max_new_tokens, n, eos_id, init, seed)
+    tokens, stats = jacobi_decode(model, prompt, max_new_tokens, n, eos_id, guess, seed)
     ref_tokens, ref_trajectory = jacobi_decode_reference(model, prompt, max_new_tokens, n, eos_id,
-                                                         init, seed)
+                                                         guess, seed)
     assert tokens.tolist() == greedy.tolist()
     assert ref_tokens.tolist() == greedy.tolist()
     assert len(stats.trajectory) == len(ref_trajectory)
@@ -93,7 +93,7 @@ def test_n_equals_one_is_one_token_per_forward(models):
 
 def test_repeat_init_is_exact_too(models):
     for n in (4, 16):
-        assert_all_agree(models[8.0], random_prompt(7, seed=n), 30, n, init="repeat")
+        assert_all_agree(models[8.0], random_prompt(7, seed=n), 30, n, guess="repeat")
 
 
 def test_seeded_guesses_are_reproducible(models):
@@ -175,10 +175,10 @@ def test_stationary_count_of_a_decode(models, seed):
     (dict(n=0), "block size n must be an integer >= 1"),
     (dict(n=-2), "block size n must be an integer >= 1"),
     (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
-    (dict(init="zeros"), "unknown init"),
+    (dict(guess="zeros"), "unknown guess"),
 ])
 def test_bad_input_gives_clear_errors(models, bad, match):
-    args = dict(idx=torch.tensor([1, 2, 3]), max_new_tokens=5, n=4, init="prefix") | bad
+    args = dict(idx=torch.tensor([1, 2, 3]), max_new_tokens=5, n=4, guess="prefix") | bad
     with pytest.raises(ValueError, match=match):
         jacobi_decode(models[1.0], **args)
     if set(bad) <= {"idx", "max_new_tokens"}:

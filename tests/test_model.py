@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import make_model
-from model import GPT
+from extras.gpt2 import load_gpt2
 
 ATOL = 1e-5
 
@@ -92,7 +92,7 @@ def test_cache_without_positions_is_refused(tiny):
 
 
 # ----------------------------------------------------------------------------------------------
-# GPT.from_pretrained: a checkpoint in the Hugging Face GPT-2 layout, written here by hand
+# extras/gpt2.load_gpt2: a checkpoint in the Hugging Face GPT-2 layout, written here by hand
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -138,10 +138,10 @@ def write_hf_dir(path, model, fmt="safetensors", prefix="transformer."):
 
 @pytest.mark.parametrize("fmt,prefix", [("safetensors", "transformer."), ("safetensors", ""),
                                         ("bin", "transformer.")])
-def test_from_pretrained_round_trip(tmp_path, fmt, prefix):
+def test_load_gpt2_round_trip(tmp_path, fmt, prefix):
     model = make_model(seed=7, n_embd=48, n_head=3)
     write_hf_dir(tmp_path, model, fmt, prefix)
-    loaded = GPT.from_pretrained(str(tmp_path)).eval()
+    loaded = load_gpt2(str(tmp_path)).eval()
     assert loaded.config == model.config
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
@@ -149,39 +149,39 @@ def test_from_pretrained_round_trip(tmp_path, fmt, prefix):
     assert torch.equal(loaded(idx)[0], model(idx)[0])
 
 
-def test_from_pretrained_errors(tmp_path):
+def test_load_gpt2_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        GPT.from_pretrained(str(tmp_path / "nowhere"))
+        load_gpt2(str(tmp_path / "nowhere"))
     model = make_model(seed=9)
     write_hf_dir(tmp_path, model)
     cfg = json.loads((tmp_path / "config.json").read_text())
 
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
-        GPT.from_pretrained(str(tmp_path))
+        load_gpt2(str(tmp_path))
 
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
     with pytest.raises(ValueError, match="only GPT-2"):
-        GPT.from_pretrained(str(tmp_path))
+        load_gpt2(str(tmp_path))
 
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "n_embd": 64}))
     with pytest.raises(ValueError, match="has shape"):
-        GPT.from_pretrained(str(tmp_path))
+        load_gpt2(str(tmp_path))
 
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     sd = hf_state_dict(model)
     del sd["transformer.h.1.mlp.c_fc.weight"]
     write_safetensors(tmp_path / "model.safetensors", sd)
     with pytest.raises(ValueError, match="missing.*h.1.mlp.c_fc.weight"):
-        GPT.from_pretrained(str(tmp_path))
+        load_gpt2(str(tmp_path))
 
     (tmp_path / "model.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(ValueError, match="not a safetensors file"):
-        GPT.from_pretrained(str(tmp_path))
+        load_gpt2(str(tmp_path))
 
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="neither model.safetensors"):
-        GPT.from_pretrained(str(tmp_path))
+        load_gpt2(str(tmp_path))
 
 
 def test_cache_with_a_position_per_row(tiny):

@@ -1,6 +1,7 @@
 # Smoke tests of sample.py and bench.py on a tiny CLLM, and of the --show picture.
 # Run: python -m pytest -q tests/test_scripts.py
 import json
+import os
 
 import pytest
 import torch
@@ -62,22 +63,21 @@ def test_sample_without_a_checkpoint(tmp_path):
 
 def test_bench_trained_and_random(tiny_cllm, tmp_path, capsys):
     out = tmp_path / "b.json"
-    bench.main([f"--cllm_dir={tiny_cllm}", "--num_prompts=2", "--max_new_tokens=8",
+    bench.main([f"--cllm_dir={tiny_cllm}", "--test_prompts=2", "--max_new_tokens=8",
                 "--ns=[2, 4]", "--warmup=1", f"--json_out={out}"])
     printed = capsys.readouterr().out
     assert "| CLLM | Jacobi n=4 |" in printed and "| target | AR |" in printed
     results = json.loads(out.read_text())["results"]
     assert results["CLLM"]["Jacobi n=2"]["exact"] == "2/2"
     assert "quality" in results["target"]["AR"] and "answer_loss" in results["target"]["AR"]
-    bench.main(["--random", "--num_prompts=2", "--max_new_tokens=6", "--ns=[4]", "--warmup=0",
+    bench.main(["--random", "--test_prompts=2", "--max_new_tokens=6", "--ns=[4]", "--warmup=0",
                 f"--json_out={out}"])
     assert "| random | Jacobi n=4 |" in capsys.readouterr().out
 
 
 def test_gpu_run_script_smoke(tmp_path):
     """scripts/gpu_run.sh --smoke: the GPU run's every step at toy sizes on the CPU, so that the
-    script cannot rot between the sessions that have a GPU."""
-    import os
+    script cannot rot while no GPU runs it."""
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "run"
@@ -94,7 +94,7 @@ def test_gpu_run_script_smoke(tmp_path):
 
 
 def test_plot_curves_draws_one_line_per_run_and_measure(tmp_path):
-    """Two runs' results.json -> an SVG that parses, with a solid and a dashed (multi-block)
+    """Two runs' results.json -> an SVG that parses, with a solid and a dashed (sliding window)
     tokens/forward line and a quality line per run, and both runs in the legend."""
     import importlib.util
     import xml.etree.ElementTree as ET
@@ -104,7 +104,7 @@ def test_plot_curves_draws_one_line_per_run_and_measure(tmp_path):
     paths = []
     for recipe, lr in (("cllm", 1e-3), ("jacobi_forcing", 2e-3)):
         curve = [dict(iter=i, train_minutes=i / 100, tokens_per_forward=1 + i / 200,
-                      multiblock_tokens_per_forward=1 + i / 150, quality=0.8, answer_loss=0.1)
+                      window_tokens_per_forward=1 + i / 150, quality=0.8, answer_loss=0.1)
                  for i in (0, 200, 400)]
         path = tmp_path / f"{recipe}.json"
         path.write_text(json.dumps(dict(config=dict(recipe=recipe, learning_rate=lr, ar_weight=3.0),
@@ -118,3 +118,28 @@ def test_plot_curves_draws_one_line_per_run_and_measure(tmp_path):
     assert sum(1 for e in lines if e.get("stroke-dasharray") == "5,3") == 2
     texts = " ".join(e.text or "" for e in root.iter() if e.tag.endswith("text"))
     assert "cllm, lr 0.001, ar_weight 3" in texts and "jacobi_forcing, lr 0.002, ar_weight 3" in texts
+
+
+def test_a_prompt_unlike_the_data_gets_a_note(tiny_cllm, capsys):
+    """A question in the user's own words (no 'Question: ', no 'Answer:' line) gets a note that
+    shows a prompt that works; a prompt in the data's format, with \\n typed as two characters,
+    gets none."""
+    sample.main([f"--out_dir={tiny_cllm}", "--max_new_tokens=4",
+                 "--start=Tom has 3 apples and buys 5 more. How many apples does Tom have?"])
+    out = capsys.readouterr().out
+    assert "note: every prompt of the data starts with 'Question: ' and ends with '?\\nAnswer:\\n'" in out
+    assert "A prompt that works:\nQuestion: " in out
+    sample.main([f"--out_dir={tiny_cllm}", "--max_new_tokens=4",
+                 "--start=Question: Ava has 3 apples. How many apples does Ava have?\\nAnswer:\\n"])
+    out = capsys.readouterr().out
+    assert "note: every prompt" not in out and "Ava have?\nAnswer:\n" in out
+
+
+def test_default_folders_fall_back_to_the_shipped_models(tmp_path, monkeypatch):
+    from common import SHIPPED, find_checkpoint
+    monkeypatch.chdir(tmp_path)  # no out-cllm-arith here: the shipped CLLM
+    assert find_checkpoint("out-cllm-arith") == os.path.join(SHIPPED["out-cllm-arith"], "ckpt.pt")
+    (tmp_path / "out-cllm-arith").mkdir()
+    (tmp_path / "out-cllm-arith" / "ckpt.pt").write_bytes(b"")  # a run of one's own wins
+    assert find_checkpoint("out-cllm-arith") == os.path.join("out-cllm-arith", "ckpt.pt")
+    assert find_checkpoint("elsewhere") == os.path.join("elsewhere", "ckpt.pt")

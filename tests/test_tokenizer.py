@@ -2,7 +2,7 @@
 # Run: python -m pytest -q tests/test_tokenizer.py
 import pytest
 
-from tokenizer import EOT, load_ranks, load_tokenizer, make_encoding, save_ranks, train_bpe
+from data.tokenizer import EOT, load_ranks, load_tokenizer, make_encoding, save_ranks, train_bpe
 
 TRAIN_TEXT = ("Mia has 23 apples. She buys 14 more apples.\nMia has 23 + 14 = 37 apples.\n"
               "def add(a, b):\n    return a + b\n") * 50

@@ -1,11 +1,13 @@
 # Tests of train.py: a few iterations on CPU, exact resume, clear errors.
 # Run: python -m pytest -q tests/test_train.py
 import os
+from functools import partial
 
 import pytest
 import torch
 
 import train
+from common import get_lr, load_checkpoint
 from data.arith.prepare import prepare as prepare_arith
 
 
@@ -19,7 +21,7 @@ def dataset(tmp_path_factory):
 def tiny_args(dataset, out_dir, **overrides):
     args = dict(dataset=dataset, out_dir=str(out_dir), n_layer=1, n_head=2, n_embd=32,
                 block_size=32, batch_size=4, max_iters=6, lr_decay_iters=6, warmup_iters=2,
-                eval_interval=2, eval_iters=2, log_interval=1, eval_prompts=2, val_prompts=2,
+                eval_interval=2, eval_iters=2, log_interval=1, test_prompts=2, val_prompts=2,
                 max_new_tokens=8, dropout=0.1)
     args.update(overrides)
     return [f"--{k}={v}" for k, v in args.items()]
@@ -37,24 +39,24 @@ def test_train_writes_a_checkpoint_that_resumes_exactly(dataset, tmp_path, capsy
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert not os.path.exists(tmp_path / "split" / "ckpt.pt.tmp")
-    model, ckpt = train.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))
+    model, ckpt = load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))
     assert not model.training and ckpt["config"]["dataset"] == dataset
 
 
 def test_lr_schedule():
-    cfg = train.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
-    assert train.get_lr(0, cfg, 110) == pytest.approx(0.1)
-    assert train.get_lr(9, cfg, 110) == pytest.approx(1.0)
-    assert train.get_lr(60, cfg, 110) == pytest.approx(0.55)
-    assert train.get_lr(110, cfg, 110) == pytest.approx(0.1) == train.get_lr(500, cfg, 110)
-    assert train.get_lr(35, cfg, 60) == pytest.approx(0.55)  # a run cut short decays sooner
+    lr = partial(get_lr, learning_rate=1.0, min_lr=0.1, warmup_iters=10)
+    assert lr(0, decay_iters=110) == pytest.approx(0.1)
+    assert lr(9, decay_iters=110) == pytest.approx(1.0)
+    assert lr(60, decay_iters=110) == pytest.approx(0.55)
+    assert lr(110, decay_iters=110) == pytest.approx(0.1) == lr(500, decay_iters=110)
+    assert lr(35, decay_iters=60) == pytest.approx(0.55)  # a run cut short decays sooner
 
 
 def test_clear_errors(dataset, tmp_path):
     with pytest.raises(ValueError, match="unknown setting 'max_iter'"):
         train.main(["--max_iter=3"])
     with pytest.raises(FileNotFoundError, match="is not prepared"):
-        train.main([f"--dataset={tmp_path / 'missing'}"])
+        train.main([f"--dataset={tmp_path / 'missing'}", f"--out_dir={tmp_path / 'o'}"])
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train.main(tiny_args(dataset, tmp_path / "empty", init_from="resume"))
     with pytest.raises(ValueError, match="fewer than block_size"):

@@ -21,19 +21,19 @@ from typing import Literal
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))  # run from anywhere
 
-from configurator import configure, run
+from common import configure, run
 from data.common import is_prepared, split_of, write_dataset
-from tokenizer import GPT2_PATTERN, SPLIT_PATTERN
+from data.tokenizer import GPT2_PATTERN, SPLIT_PATTERN
 
 
 @dataclass
 class ArithConfig:
-    num_train: int = 50000
-    num_val: int = 500
-    num_test: int = 500
+    num_train: int = 50000   # training problems (pretraining text and distillation prompts)
+    num_val: int = 500       # val problems (evaluations along the way)
+    num_test: int = 500      # test problems (the held-out tables)
     vocab_size: int = 1024   # BPE vocabulary, end-of-text token included
     digits: Literal["single", "grouped"] = "single"  # "single": every digit its own token; "grouped": GPT-2's split
-    seed: int = 1337
+    seed: int = 1337         # the problems drawn: the same seed, the same data and tokenizer
     name: str = "arith"      # written to data/<name>/
 
 

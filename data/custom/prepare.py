@@ -20,7 +20,7 @@ from typing import Literal
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))  # run from anywhere
 
-from configurator import configure, run
+from common import configure, run
 from data.common import SPLITS, is_prepared, split_of, write_dataset
 
 
@@ -28,12 +28,12 @@ from data.common import SPLITS, is_prepared, split_of, write_dataset
 class CustomConfig:
     input: str = ""            # path to a .jsonl or a text file
     name: str = "custom"       # written to data/<name>/
-    vocab_size: int = 2048
+    vocab_size: int = 2048     # BPE vocabulary, end-of-text token included
     metric: Literal["loss", "accuracy", "parse", "exact"] = "loss"  # see data/common.py score
     tokenizer: Literal["bpe", "gpt2"] = "bpe"  # "bpe": our own, trained here; "gpt2": GPT-2's (for GPT-2 weights;
                                # tiktoken downloads it once, so this needs internet)
-    val_frac: float = 0.05
-    test_frac: float = 0.05
+    val_frac: float = 0.05     # share of the records for val
+    test_frac: float = 0.05    # share of the records for test
 
 
 def read_jsonl(path):

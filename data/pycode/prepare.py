@@ -21,18 +21,18 @@ from dataclasses import asdict, dataclass
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))  # run from anywhere
 
-from configurator import configure, run
+from common import configure, run
 from data.common import is_prepared, split_of, write_dataset
 
 
 @dataclass
 class PycodeConfig:
-    vocab_size: int = 2048
+    vocab_size: int = 2048     # BPE vocabulary, end-of-text token included
     max_chars: int = 3000      # longer functions are left out
     max_files: int = 0         # 0: every file; else the first N (sorted), for a quick slice
-    val_frac: float = 0.05
-    test_frac: float = 0.05
-    name: str = "pycode"
+    val_frac: float = 0.05     # share of the records for val
+    test_frac: float = 0.05    # share of the records for test
+    name: str = "pycode"       # written to data/<name>/
 
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",

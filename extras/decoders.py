@@ -1,14 +1,21 @@
 """
-Decoders past the paper's loop, each exactly greedy. Every one drafts future tokens, runs them
+Extra (a learner may skip it): decoders past the paper's loop, each exactly greedy. Every one drafts future tokens, runs them
 through the model in one forward pass with the KV cache, and commits the leading run that the
 model's own argmax confirms, plus the one token a pass always gets right (jacobi.accept). So
 their output is greedy_decode's, token for token; tests/test_decoders.py fuzzes that.
 
-    prompt_lookup_decode      the draft is what followed the latest earlier occurrence of the
-                              last few tokens: training-free, the first thing to try
-    multiblock_jacobi_decode  Jacobi over a window of several blocks: the blocks after the one
-                              being decoded are refined in the same passes (Jacobi Forcing's
-                              multi-block decoding)
+    prompt_lookup_decode          the draft is what followed the latest earlier occurrence of
+                                  the last few tokens: training-free, the first thing to try
+    sliding_window_jacobi_decode  Jacobi over a window of several blocks that slides on by
+                                  every committed token: the tokens after the block being
+                                  decoded are refined in the same passes
+
+The sliding window is not Jacobi Forcing's multi-block decoding. Theirs keeps one active block,
+the only one that commits; a second, "pseudo-active" block starts (from the active block's
+remaining draft) only once the active block has ceil(0.85 n) accepted tokens, and its tokens are
+verified again when it is promoted; rejected n-grams are recycled as extra batch rows. Here the
+whole window of blocks * n tokens is refreshed every pass and the leading right run is committed
+wherever it ends, across block borders, at once.
 
 Both return (tokens, JacobiStats) like jacobi_decode, with forwards, accepted and seq filled in
 (no blocks: no trajectory, no stationary tokens).
@@ -62,15 +69,16 @@ def prompt_lookup_decode(model, idx, max_new_tokens, eos_id=None, ngram=3, draft
 
 
 @torch.no_grad()
-def multiblock_jacobi_decode(model, idx, max_new_tokens, n=16, blocks=2, eos_id=None,
-                             init="prefix", seed=0):
-    """Jacobi decoding over a window of `blocks` blocks of n tokens.
+def sliding_window_jacobi_decode(model, idx, max_new_tokens, n=16, blocks=2, eos_id=None,
+                             guess="prefix", seed=0):
+    """Jacobi decoding over a window of `blocks` * n tokens that slides on as tokens commit.
 
     Plain Jacobi refines one block and starts the next only once it has converged, from a fresh
     guess, so even a perfect CLLM needs two passes per block: one that predicts it from the
     guess, one that confirms it. Here every pass runs the whole unconverged window, the Jacobi
     update refines all of it, and the leading run of right tokens is committed wherever it ends,
-    inside the first block or past it; then fresh guesses refill the window's end. So the pass
+    inside the first block or past it; then fresh guesses refill the window's end. Exactly
+    greedy, like every decoder here (tests/test_decoders.py). So the pass
     that confirms one block also predicts the next one. The tokens past the first block are
     refined from an unconverged past: what Jacobi Forcing's noisy-stream training is for.
     """
@@ -85,12 +93,12 @@ def multiblock_jacobi_decode(model, idx, max_new_tokens, n=16, blocks=2, eos_id=
     while done < P + budget and not stop:
         end = min(done + n * blocks, P + budget)  # the window is seq[done:end]
         if filled < end:  # refill the window's end with guesses drawn from the final tokens
-            seq[filled:end] = initial_guess(seq[:done], end - filled, init, generator)
+            seq[filled:end] = initial_guess(seq[:done], end - filled, guess, generator)
             filled = end
         logits, _ = model(seq[cached:end - 1][None], input_pos=range(cached, end - 1), cache=cache)
         y_next = logits[0, done - 1 - cached:].argmax(-1)  # the Jacobi update of the window
-        outputs, guess = torch.stack([y_next, seq[done:end]]).tolist()  # the pass's one device read
-        accepted, stop = accept(outputs, guess, eos_id)
+        outputs, drafted = torch.stack([y_next, seq[done:end]]).tolist()  # the pass's one device read
+        accepted, stop = accept(outputs, drafted, eos_id)
         seq[done:end] = y_next
         stats.accepted.append(accepted)
         done += accepted

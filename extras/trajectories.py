@@ -1,6 +1,8 @@
 """
-The training data of a CLLM: the target's Jacobi trajectories on the training prompts (paper
-section 3.2), cleaned, and saved once per target.
+Extra (a learner may skip it): the bookkeeping around collecting trajectories. The method is
+jacobi.collect_trajectories (the target Jacobi-decodes many prompts side by side, every state of
+every block kept); this file saves its output once per target, resumes a killed collection, and
+splits the work between processes under torchrun.
 
     out_dir/trajectories.pt   {"meta": what they came from, "stats": ..., "prompts": [record]}
     record                    {"prompt": (P,) token ids, "answer": (A,) the ground truth + EOS,
@@ -13,68 +15,17 @@ after a kill goes on from there instead of starting again.
 """
 
 import glob
-import hashlib
-import importlib
 import os
 import time
 
 import torch
 
-import distributed
-import train
-from data.common import dataset_dir, load_encoding, load_meta, load_records, longest_run
+from common import encode_prompts, fingerprint, save_checkpoint
+from data.common import dataset_dir, load_records, longest_run
+from extras import ddp
 from jacobi import collect_trajectories
 
 SAVE_EVERY = 30.0  # seconds between saves of the finished batches
-
-
-def fingerprint(*parts):
-    """A short hash of state dicts and files: which target and tokenizer a file came from."""
-    h = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, dict):  # a state dict
-            for k in sorted(part):
-                h.update(k.encode())
-                h.update(part[k].detach().cpu().contiguous().numpy().tobytes())
-        elif os.path.isfile(part):
-            with open(part, "rb") as f:
-                h.update(f.read())
-        else:
-            h.update(part.encode())  # a name, e.g. of a tokenizer that is not a file (gpt2)
-    return h.hexdigest()[:16]
-
-
-def ensure_target(cfg):
-    """Prepare the dataset and train the target when they are missing, saying so."""
-    if not os.path.isfile(os.path.join(dataset_dir(cfg.dataset), "meta.json")):
-        if cfg.dataset not in ("arith", "pycode"):
-            load_meta(cfg.dataset)  # raises the error that says how to prepare it
-        print(f"data/{cfg.dataset} is missing: preparing it (by hand: python data/{cfg.dataset}/prepare.py)")
-        importlib.import_module(f"data.{cfg.dataset}.prepare").prepare([])
-    if not os.path.isfile(os.path.join(cfg.target_dir, "ckpt.pt")):
-        config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", f"train_{cfg.dataset}.py")
-        args = ([config] if os.path.isfile(config) else []) + [f"--dataset={cfg.dataset}",
-                                                                f"--out_dir={cfg.target_dir}"]
-        print(f"no target model in {cfg.target_dir}: training it first (by hand: python train.py "
-              f"{' '.join(args)}; the test prompts are measured in the final table)")
-        train.main(args + ["--eval_prompts=0"])  # the final table measures it on the test prompts
-
-
-def load_target(cfg, device, world=distributed.World()):
-    """(target model, dataset meta, tokenizer): out_dir's target, checked against the dataset;
-    on one process, the dataset is prepared and the target trained first when missing."""
-    if world.size == 1:
-        ensure_target(cfg)
-    elif not os.path.isfile(os.path.join(cfg.target_dir, "ckpt.pt")):  # ddp
-        raise ValueError(f"no target in {cfg.target_dir}: under torchrun, train it first (torchrun ... "
-                         f"train.py --dataset={cfg.dataset} --out_dir={cfg.target_dir})")
-    meta, enc = load_meta(cfg.dataset), load_encoding(cfg.dataset)
-    target, target_ckpt = train.load_checkpoint(os.path.join(cfg.target_dir, "ckpt.pt"), device)
-    if target_ckpt.get("dataset") not in (None, cfg.dataset):
-        raise ValueError(f"the target in {cfg.target_dir} was trained on {target_ckpt['dataset']!r}, "
-                         f"not {cfg.dataset!r}: set --dataset or --target_dir")
-    train.check_vocabulary(target, meta, os.path.join(cfg.target_dir, "ckpt.pt"))
-    return target, meta, enc
 
 
 def trajectory_meta(cfg, target_id):
@@ -82,7 +33,7 @@ def trajectory_meta(cfg, target_id):
     tokenizer = os.path.join(dataset_dir(cfg.dataset), "tokenizer.tiktoken")
     return dict(target=target_id, dataset=cfg.dataset,
                 tokenizer=fingerprint(tokenizer if os.path.isfile(tokenizer) else "gpt2"),
-                n=cfg.n, init=cfg.init, num_prompts=cfg.num_prompts,
+                n=cfg.n, guess=cfg.guess, num_prompts=cfg.num_prompts,
                 max_new_tokens=cfg.traj_max_new_tokens, repeat_limit=cfg.repeat_limit, seed=cfg.seed)
 
 
@@ -105,7 +56,7 @@ def collect_batch(cfg, target, enc, records, ids, first):
     """Trajectories of the prompts ids[i] of records[i] (seed cfg.seed + first + i);
     (kept records, dropped count)."""
     trajs = collect_trajectories(target, ids, cfg.n, cfg.traj_max_new_tokens, enc.eot_token,
-                                 cfg.init, seeds=[cfg.seed + first + i for i in range(len(records))])
+                                 cfg.guess, seeds=[cfg.seed + first + i for i in range(len(records))])
     kept, dropped = [], 0
     for r, prompt, blocks in zip(records, ids, trajs):
         output = torch.cat([b.fixed_point for b in blocks]).tolist() if blocks else []
@@ -118,7 +69,7 @@ def collect_batch(cfg, target, enc, records, ids, first):
     return kept, dropped
 
 
-def load_or_collect(cfg, target, target_id, enc, world=distributed.World()):
+def load_or_collect(cfg, target, target_id, enc, world=ddp.World()):
     """The trajectories of the target on the first num_prompts training prompts, from
     out_dir/trajectories.pt when it matches the current target, tokenizer and settings.
     Under torchrun each process collects every world.size-th batch; all get the whole list, and
@@ -132,7 +83,7 @@ def load_or_collect(cfg, target, target_id, enc, world=distributed.World()):
         say(f"reusing {path}: {data['stats']}")
         return data["prompts"]
     records = load_records(cfg.dataset, "train")[:cfg.num_prompts]
-    ids = train.encode_prompts(enc, records, target, cfg.traj_max_new_tokens, "cpu", "training prompts", say)
+    ids = encode_prompts(enc, records, target, cfg.traj_max_new_tokens, "cpu", "training prompts", say)
     batches = {}  # first prompt of a batch: (kept records, dropped count)
     partial_meta = dict(meta, collect_batch=cfg.collect_batch)  # batches are keyed by their start
     partials = sorted(glob.glob(os.path.join(cfg.out_dir, "trajectories.partial*.pt")))
@@ -153,9 +104,9 @@ def load_or_collect(cfg, target, target_id, enc, world=distributed.World()):
         say(f"collect: batches {len(batches) + count * world.size}/{len(starts)}, "
               f"{n_records / secs:.0f} records/s, eta {(len(todo) - count) * secs / count / 60:.1f} min")
         if time.time() - last_save > SAVE_EVERY and count < len(todo):
-            train.save_checkpoint(partial, dict(meta=partial_meta, batches={**batches, **mine}))
+            save_checkpoint(partial, dict(meta=partial_meta, batches={**batches, **mine}))
             last_save = time.time()
-    for done in distributed.all_gather(mine, world):  # ddp: every process's batches
+    for done in ddp.all_gather(mine, world):  # ddp: every process's batches
         batches.update(done)
     prompts = [p for s in starts for p in batches[s][0]]
     n_records, secs = sum(len(p["states"]) for p in prompts), time.time() - t0
@@ -163,8 +114,8 @@ def load_or_collect(cfg, target, target_id, enc, world=distributed.World()):
                  seconds=round(secs, 1), records_per_s=round(n_records / max(secs, 1e-9), 1))
     say(f"collected {stats}")
     if world.master:
-        train.save_checkpoint(path, dict(meta=meta, stats=stats, prompts=prompts))
-    distributed.barrier(world)  # (the others keep theirs until the file is written)
+        save_checkpoint(path, dict(meta=meta, stats=stats, prompts=prompts))
+    ddp.barrier(world)  # (the others keep theirs until the file is written)
     if os.path.isfile(partial):
         os.remove(partial)
     for f in partials if world.master else []:  # left by a run with more processes

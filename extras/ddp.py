@@ -1,11 +1,11 @@
 """
-More than one process, PyTorch's own way: torchrun starts one process per device and sets RANK,
-WORLD_SIZE and LOCAL_RANK; train.py and train_cllm.py then train with DistributedDataParallel
-(NCCL on CUDA, gloo on CPU). Without torchrun every function here is a no-op on a world of one.
+Extra (a learner may skip it): more than one process, PyTorch's own way. torchrun starts one
+process per device and sets RANK, WORLD_SIZE and LOCAL_RANK; train.py and train_cllm.py then train
+with DistributedDataParallel (NCCL on CUDA, gloo on CPU). Without torchrun every function here is a no-op on a world of one.
 
     torchrun --standalone --nproc_per_node=8 train.py config/train_arith_gpu.py
 
-What the scripts do with it (the lines marked `# ddp`):
+What the scripts do with it (the lines marked `# ddp`; docs/gpu.md has the rest):
 - batch_size stays the global batch: every process draws the same batch and takes its own slice
   of it (gradient accumulation splits a slice further), so W processes see one process's batches;
 - rank 0 logs, evaluates and writes the checkpoints (the plain module's weights);
@@ -13,6 +13,7 @@ What the scripts do with it (the lines marked `# ddp`):
 """
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -62,6 +63,14 @@ def per_process_batch(batch_size, grad_accum, world):
                          f"{grad_accum} micro-steps (grad_accum): make it a multiple of "
                          f"{world.size * grad_accum}")
     return per_process
+
+
+def micro_steps(train_model, world, grad_accum):
+    """(micro-step, context) for each micro-step of an iteration: the processes average their
+    gradients only in the last one (DDP's no_sync in the others)."""
+    for micro in range(grad_accum):
+        last = micro == grad_accum - 1
+        yield micro, (train_model.no_sync() if world.size > 1 and not last else nullcontext())
 
 
 def restore_rng(rng, world):

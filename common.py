@@ -1,0 +1,338 @@
+"""
+What the scripts share: their settings, the device, checkpoints, and prompts as tokens. The
+scripts (train.py, train_cllm.py, sample.py, bench.py) are leaves: nothing imports them.
+
+Settings, nanoGPT-style: defaults in one dataclass at the top of each script, the one source of
+truth, overridden by config files (plain Python in config/) and then by --key=value:
+
+    python train.py config/train_arith_gpu.py --max_iters=2000 --compile=False
+    python sample.py --jacobi                      # a bare --flag sets a True/False setting
+    python train_cllm.py --help                    # every setting, its default and its meaning
+
+Unknown keys, values of the wrong type, a value outside a setting's choices (a Literal type) and
+a count below its least value (AT_LEAST) are errors that name the problem, raised before anything
+expensive runs.
+"""
+
+import ast
+import difflib
+import hashlib
+import inspect
+import math
+import os
+import re
+import sys
+from contextlib import nullcontext
+from dataclasses import asdict, fields, replace
+from typing import Literal, get_args, get_origin
+
+import torch
+
+from data.common import dataset_dir, ensure_prepared, load_meta
+from model import GPT, GPTConfig
+
+# The least value of a setting, by name, in every script that has it (for a list, of each item).
+AT_LEAST = dict(n=1, ns=1, max_new_tokens=0, traj_max_new_tokens=0, num_prompts=1, num_samples=1,
+                collect_batch=1, batch_size=1, states_per_block=1, noise_window=1, eval_interval=1,
+                log_interval=1, eval_iters=1, val_prompts=0, test_prompts=0, max_iters=0,
+                warmup_iters=0, lr_decay_iters=0, repeat_limit=2, warmup=0, threads=0, n_layer=1,
+                n_head=1, n_embd=1, block_size=0, vocab_size=257, num_train=3, num_val=1, num_test=1,
+                learning_rate=0.0, min_lr=0.0, weight_decay=0.0, grad_clip=0.0, dropout=0.0,
+                ar_weight=0.0, label_smoothing=0.0, val_frac=0.0, test_frac=0.0, grad_accum=1,
+                max_epochs=0.0, max_loss_rise=0.0, max_quality_drop=0.0, max_repeat_rise=0.0,
+                guard_patience=0, blocks=0, horizon=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# settings
+
+def _unknown(key, cfg):
+    names = [f.name for f in fields(cfg)]
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"unknown setting {key!r}{hint}; --help lists the settings")
+
+
+def _typed(key, value, default):
+    """value, checked against the type of the default (ints are accepted where floats are)."""
+    kind = type(default)
+    if kind is float and type(value) is int:
+        value = float(value)
+    if default is not None and type(value) is not kind:
+        raise ValueError(f"setting {key!r} must be {kind.__name__}, got {value!r} "
+                         f"({type(value).__name__})")
+    return value
+
+
+def _parse_value(key, text, default):
+    if isinstance(default, str):
+        return text  # strings need no quotes on the command line
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise ValueError(f"setting {key!r}: cannot read {text!r} as a Python literal") from None
+    return _typed(key, value, default)
+
+
+def check(cfg):
+    """Every setting within its choices and its least value."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if get_origin(f.type) is Literal and value not in get_args(f.type):
+            raise ValueError(f"{f.name} must be one of {', '.join(map(repr, get_args(f.type)))}, "
+                             f"got {value!r}")
+        least = AT_LEAST.get(f.name)
+        for v in (value if isinstance(value, list) else [value]):
+            if least is not None and not (isinstance(v, (int, float)) and v >= least):
+                raise ValueError(f"{f.name} must be at least {least}, got {value!r}")
+    return cfg
+
+
+def settings_help(cfg):
+    """The settings of a config dataclass with their defaults and meanings, read from the comments
+    of its source: the dataclass is the one place where a setting is described."""
+    lines, field_line = [], re.compile(r"^    (\w+): [^=]+= (.*?)(?:\s+# (.*))?$")
+    for line in inspect.getsource(type(cfg)).splitlines()[1:]:
+        m = field_line.match(line)
+        if m:
+            lines.append(f"  --{m.group(1)}={getattr(cfg, m.group(1))!r}".ljust(34)
+                         + (f" {m.group(3)}" if m.group(3) else ""))
+        elif line.strip().startswith("#") and line.startswith(" " * 5) and lines:
+            lines[-1] += " " + line.strip()[2:]  # a comment continued on the next line
+        elif line.strip().startswith("#"):
+            lines.append(line.strip()[2:])  # a group heading
+        elif line.strip().startswith('"""'):
+            lines.append(line.strip().strip('"'))
+    return "\n".join(lines)
+
+
+def configure(cfg, argv):
+    """A copy of the dataclass instance cfg with config files and --key=value applied, checked.
+    --help prints the settings and exits."""
+    if "--help" in argv or "-h" in argv:
+        print(f"{os.path.basename(sys.argv[0])} [config file ...] [--key=value ...]; the settings "
+              f"and their defaults:\n{settings_help(cfg)}")
+        sys.exit(0)
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                raise FileNotFoundError(f"config file {arg!r} not found (settings look like "
+                                        "--key=value; config files live in config/)")
+            scope = {}
+            with open(arg) as f:
+                exec(f.read(), scope)
+            for key, value in scope.items():
+                if key.startswith("_") or callable(value) or type(value).__name__ == "module":
+                    continue  # __builtins__, imports and helper functions are not settings
+                if not hasattr(cfg, key):
+                    raise _unknown(key, cfg)
+                cfg = replace(cfg, **{key: _typed(key, value, getattr(cfg, key))})
+        else:
+            key, eq, text = arg[2:].partition("=")
+            if not hasattr(cfg, key):
+                raise _unknown(key, cfg)
+            if not eq and not isinstance(getattr(cfg, key), bool):
+                raise ValueError(f"{arg!r}: write settings as --key=value")
+            value = _parse_value(key, text, getattr(cfg, key)) if eq else True  # --flag: True
+            cfg = replace(cfg, **{key: value})
+    return check(cfg)
+
+
+def run(main):
+    """Run a script's main(argv). A bad setting, a missing file or a bad input is reported in one
+    line that says what to do, not in a traceback. Output is line-buffered, so that progress
+    shows at once also when it goes to a pipe or a file (python train_cllm.py | tee log)."""
+    sys.stdout.reconfigure(line_buffering=True)
+    try:
+        main(sys.argv[1:])
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+
+def note_changed_settings(saved, cfg):
+    """On resume, say which settings differ from the checkpoint's (the run continues exactly only
+    when those that shape training, such as the schedule and batch size, are the same)."""
+    changed = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
+    changed.pop("init_from", None)
+    if changed:
+        print(f"resuming with settings that differ from the checkpoint's (saved, now): {changed}")
+
+
+# ----------------------------------------------------------------------------------------------
+# device and optimisation
+
+def setup_device(name):
+    """(device, autocast context): bf16 autocast on CUDA, plain float32 on CPU."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device={name}, but this torch ({torch.__version__}) sees no CUDA GPU: "
+                         "use --device=cpu (or auto, which picks a GPU when there is one)")
+    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                          "cpu" if name == "auto" else name)
+    if device.type == "cuda":  # (TF32 stays off: float32 decoding must stay exactly float32)
+        return device, torch.autocast("cuda", dtype=torch.bfloat16)
+    return device, nullcontext()
+
+
+def get_lr(it, learning_rate, min_lr, warmup_iters, decay_iters):
+    """Linear warm-up to learning_rate, then cosine decay to min_lr at decay_iters."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / warmup_iters
+    ratio = min(1.0, (it - warmup_iters) / max(1, decay_iters - warmup_iters))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def optimizer_step(model, optimizer, grad_clip):
+    """After backward: clip the gradient norm (grad_clip > 0), step, clear the gradients."""
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: one dict with the weights, the model's shape, the settings that made it, and (for
+# last.pt) everything needed to continue
+
+def save_checkpoint(path, checkpoint):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def read_checkpoint(path):
+    """The dict saved at path, or an error that names the file and says what to do."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: train one with `python train.py` "
+                                "(a target) or `python train_cllm.py` (a CLLM)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # RNG states stay on CPU
+        assert isinstance(checkpoint, dict) and {"model", "model_args"} <= set(checkpoint)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable checkpoint of this project ({type(e).__name__}"
+                         f"{': ' + str(e)[:100] if str(e) else ''}): truncated by a crash, or made by "
+                         "something else? Make it again with `python train.py` or `python "
+                         "train_cllm.py`, or point --out_dir/--ckpt at another") from None
+    return checkpoint
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model in eval mode, in float32, checkpoint dict) from a checkpoint of train.py or
+    train_cllm.py (or a shipped one, stored in 16 bits)."""
+    checkpoint = read_checkpoint(path)
+    model = GPT(GPTConfig(**checkpoint["model_args"]))
+    model.load_state_dict(checkpoint["model"])  # (copied into float32 parameters)
+    return model.to(device).eval(), checkpoint
+
+
+def tokenizer_fingerprint(dataset):
+    """Which tokenizer a prepared dataset has: a model decodes only the data it was trained on."""
+    path = os.path.join(dataset_dir(dataset), "tokenizer.tiktoken")
+    return fingerprint(path if os.path.isfile(path) else "gpt2")
+
+
+def check_dataset(model, checkpoint, dataset, path):
+    """A checkpoint decodes only the dataset whose tokenizer it was trained with: say what to do
+    when it is another."""
+    if checkpoint.get("dataset") not in (None, dataset):
+        raise ValueError(f"{path} was trained on {checkpoint['dataset']!r}, not {dataset!r}: set "
+                         "--dataset, or point at another model")
+    meta = load_meta(dataset)
+    same = checkpoint.get("tokenizer") in (None, tokenizer_fingerprint(dataset))
+    if model.config.vocab_size != meta["vocab_size"] or not same:
+        raise ValueError(f"{path} was trained with another tokenizer than data/{meta['name']} has "
+                         f"now: the dataset was prepared again since, with other settings? Prepare it "
+                         f"with the settings the model was trained on (python data/{meta['name']}/"
+                         "prepare.py, defaults), or train the model again")
+
+
+def load_model(path, device, dataset=None, say=print):
+    """(model, checkpoint) of path, checked against the dataset, saying which model it is.
+    dataset None: the checkpoint's own, prepared first when it is missing (ensure_prepared)."""
+    model, checkpoint = load_checkpoint(path, device)
+    if dataset is None:
+        dataset = checkpoint.get("dataset", "arith")
+        ensure_prepared(dataset)
+    check_dataset(model, checkpoint, dataset, path)
+    shipped = " (shipped with the repository)" if path.startswith("pretrained") else ""
+    say(f"loaded {path}{shipped}: {checkpoint.get('kind', 'a')} model, "
+        f"{model.num_params() / 1e6:.2f}M parameters, iteration {checkpoint.get('iter_num')}")
+    return model, checkpoint
+
+
+SHIPPED = {"out-cllm-arith": "pretrained/arith-cllm", "out-arith": "pretrained/arith-target"}
+
+
+def find_checkpoint(out_dir):
+    """out_dir/ckpt.pt; for a default folder that holds no run yet, the model shipped in
+    pretrained/ instead (scripts/make_pretrained.sh makes it)."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.isfile(path) and out_dir in SHIPPED:
+        return os.path.join(SHIPPED[out_dir], "ckpt.pt")
+    return path
+
+
+def refuse_to_overwrite(out_dir, init_from):
+    """Starting afresh in a folder that holds a run would lose it; resuming needs last.pt. Say
+    what to do instead."""
+    last, best = os.path.join(out_dir, "last.pt"), os.path.join(out_dir, "ckpt.pt")
+    if init_from != "resume" and (os.path.isfile(last) or os.path.isfile(best)):
+        raise ValueError(f"{out_dir} already holds a run ({'last.pt' if os.path.isfile(last) else 'ckpt.pt'}): "
+                         "continue it with --init_from=resume (a larger --max_iters trains longer), or "
+                         "start afresh in another --out_dir (or delete this one)")
+    if init_from == "resume" and not os.path.isfile(last) and os.path.isfile(best):
+        raise ValueError(f"{out_dir} has a ckpt.pt but no last.pt to resume from (a run that ended "
+                         "before its first evaluation, or a shipped model): start afresh in another "
+                         "--out_dir")
+
+
+def fingerprint(*parts):
+    """A short hash of state dicts, files and names: which model and tokenizer a file came from."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, dict):  # a state dict
+            for k in sorted(part):
+                h.update(k.encode())
+                h.update(part[k].detach().cpu().contiguous().numpy().tobytes())
+        elif os.path.isfile(part):
+            with open(part, "rb") as f:
+                h.update(f.read())
+        else:
+            h.update(part.encode())  # a name, e.g. of a tokenizer that is not a file (gpt2)
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# prompts and answers as tokens
+
+def prompt_budget(model, max_new_tokens):
+    """How many prompt tokens generation keeps: the context minus the tokens to generate, but at
+    least half the context."""
+    context = model.config.block_size
+    return max(context - max_new_tokens, context // 2)
+
+
+def encode_prompt(enc, text, model, max_new_tokens, device):
+    """Token ids of a prompt, cropped from the left to prompt_budget tokens."""
+    ids = enc.encode_ordinary(text)
+    return torch.tensor(ids[-prompt_budget(model, max_new_tokens):], dtype=torch.long, device=device)
+
+
+def encode_prompts(enc, records, model, max_new_tokens, device, what="prompts", say=print):
+    """encode_prompt for every record, saying how many prompts were cropped (the model then never
+    sees their beginning)."""
+    keep = prompt_budget(model, max_new_tokens)
+    cropped = sum(len(ids) > keep for ids in enc.encode_ordinary_batch([r["prompt"] for r in records]))
+    if cropped:
+        say(f"note: {cropped} of {len(records)} {what} are longer than {keep} tokens and were cropped "
+            f"to their last {keep} (context {model.config.block_size}, max_new_tokens "
+            f"{max_new_tokens}): a larger --block_size (train.py) keeps more")
+    return [encode_prompt(enc, r["prompt"], model, max_new_tokens, device) for r in records]
+
+
+def decode_text(enc, tokens):
+    """Text of generated tokens, cut before the end-of-text token."""
+    tokens = tokens.tolist()
+    if enc.eot_token in tokens:
+        tokens = tokens[:tokens.index(enc.eot_token)]
+    return enc.decode(tokens)

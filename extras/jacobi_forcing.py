@@ -1,0 +1,40 @@
+"""
+Extra (a learner may skip it): the states that Jacobi Forcing (Hu, Kou et al. 2025, the same
+lab's successor to CLLMs) trains on, for `python train_cllm.py --recipe=jacobi_forcing`.
+
+The CLLM recipe shows the model one state of one block after the clean prefix prompt + y*_<k.
+Jacobi Forcing shows it a *noisy stream*: a state of every block, block k seen after the prompt
+and the earlier *noisy* blocks, which is what a decoder meets when it refines several blocks at
+once. The loss is train_cllm.py's, unchanged: a stream is one choice (0, [j_1, j_2, ..]) for
+train_cllm.consistency_pair. How this departs from Jacobi Forcing's released recipe is listed in
+docs/recipes.md.
+"""
+
+import torch
+
+
+def noise_ratio(state, fixed):
+    """The noise of a state: the share of its block from the first wrong token on."""
+    wrong = (state != fixed).nonzero()
+    return (len(state) - int(wrong[0])) / len(state) if len(wrong) else 0.0
+
+
+def noisy_streams(record, k, window, generator):
+    """k noisy streams for one record, each a state of every block. Progressive noise: block j
+    aims at the noise ratio t = schedule[(phase + j) mod window], schedule = linspace(0, 1,
+    window), and takes the state whose noise_ratio is nearest t. The phase is drawn per stream:
+    Jacobi Forcing's answers have ~32 blocks and a fixed phase, ours ~3, which would always train
+    the first block clean."""
+    if not record["states"]:
+        return []
+    schedule = torch.linspace(0, 1, window).tolist()
+    streams = []
+    for _ in range(k):
+        phase = int(torch.randint(window, (1,), generator=generator))
+        js = []
+        for b, s in enumerate(record["states"]):
+            t = schedule[(phase + b) % window]
+            noise = [abs(noise_ratio(state, s[-1]) - t) for state in s]
+            js.append(noise.index(min(noise)))
+        streams.append((0, js))
+    return streams

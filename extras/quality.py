@@ -1,0 +1,174 @@
+"""
+Extra (a learner may skip it): how good a model's outputs are, measured in one place, and the
+quality guard that keeps a speedup from being bought with quality.
+
+- answer_loss: the held-out loss of the answers given their prompts (every dataset has it).
+- greedy_quality: the task's own score of greedy outputs (accuracy, parse rate, exact match).
+- evaluate: a CLLM during distillation: Jacobi tokens per forward, quality, repetition, loss.
+- quality_problems, guard, stop_line: which evaluation is acceptable, which checkpoint is the
+  CLLM, when a run is collapsing, and the line it stops with.
+- verdict: one line per model under the final table.
+
+The measurements behind the tolerances and the advice are in docs/own-data.md.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from common import decode_text, prompt_budget
+from data.common import longest_run, score
+from extras.decoders import sliding_window_jacobi_decode
+from jacobi import greedy_decode, jacobi_decode
+
+# how far a CLLM's quality may fall below its target's and its speedup still count as usable
+QUALITY_TOLERANCE = dict(answer_loss=0.05,  # nats of held-out answer loss more than the target's
+                         quality=0.05,      # accuracy / parse rate / exact match less
+                         repeated=0.05)     # more of the outputs repeating a token REPEAT_LIMIT times
+REPEAT_LIMIT = 10
+WEAK_ANSWER_LOSS = 1.0  # nats per answer token: above it a model is not competent at its task
+QUALITY_NAMES = {"accuracy": "accuracy", "parse": "parse rate", "exact": "exact match", "loss": None}
+
+
+@torch.no_grad()
+def answer_loss(model, enc, records, max_new_tokens, device):
+    """Mean cross-entropy of the answers (and their end-of-text) given their prompts, cropped as
+    generation crops them: the held-out loss that any dataset has, checkable answer or not."""
+    model.eval()
+    total, count = 0.0, 0
+    for r in records:
+        prompt = enc.encode_ordinary(r["prompt"])[-prompt_budget(model, max_new_tokens):]
+        ids = (prompt + enc.encode_ordinary(r["answer"]) + [enc.eot_token])[:model.config.block_size + 1]
+        x, y = torch.tensor(ids[:-1], device=device), torch.tensor(ids[1:], device=device)
+        y[:len(prompt) - 1] = -1  # no loss on the prompt itself
+        logits, _ = model(x[None])
+        total += F.cross_entropy(logits[0].float(), y, ignore_index=-1, reduction="sum").item()
+        count += int((y != -1).sum())
+    return total / max(count, 1)
+
+
+def mean_score(metric, records, outputs, enc):
+    """The task's score of generated tokens, averaged over records; None for 'loss'."""
+    scores = [score(metric, r, decode_text(enc, out)) for r, out in zip(records, outputs)]
+    return sum(scores) / len(scores) if scores and scores[0] is not None else None
+
+
+def repetition_rate(outputs, limit=REPEAT_LIMIT):
+    """The share of outputs (token lists) that repeat one token `limit` times in a row."""
+    return sum(longest_run(o) >= limit for o in outputs) / max(len(outputs), 1)
+
+
+@torch.no_grad()
+def greedy_quality(model, enc, prompts, records, metric, max_new_tokens):
+    """The task's score of greedy generations on records; None for 'loss' or no records."""
+    if metric == "loss" or not records:
+        return None
+    model.eval()
+    outputs = [greedy_decode(model, p, max_new_tokens, enc.eot_token) for p in prompts]
+    return mean_score(metric, records, outputs, enc)
+
+
+@torch.no_grad()
+def evaluate(model, enc, prompts, records, cfg, metric, max_new_tokens, device):
+    """Jacobi-decode held-out prompts: tokens per forward (and with the sliding window), the
+    task's quality (None where there is none), the share of repetitive outputs, the answer loss."""
+    model.eval()
+    tokens = forwards = window_forwards = 0
+    outputs = []
+    for p in prompts:
+        out, stats = jacobi_decode(model, p, max_new_tokens, cfg.n, enc.eot_token, cfg.guess)
+        tokens, forwards = tokens + stats.tokens, forwards + stats.forwards
+        if cfg.blocks:  # the same tokens (exactness), in fewer passes
+            window_forwards += sliding_window_jacobi_decode(
+                model, p, max_new_tokens, cfg.n, cfg.blocks, enc.eot_token, cfg.guess)[1].forwards
+        outputs.append(out)
+    return dict(tokens_per_forward=tokens / max(forwards, 1),
+                window_tokens_per_forward=tokens / max(window_forwards, 1) if cfg.blocks else None,
+                repeated=repetition_rate([o.tolist() for o in outputs], cfg.repeat_limit),
+                quality=mean_score(metric, records, outputs, enc),
+                answer_loss=answer_loss(model, enc, records, max_new_tokens, device))
+
+
+def quality_problems(point, base, tolerance=QUALITY_TOLERANCE):
+    """Why a model's quality is outside the tolerance of its target's: [] when it is within.
+    point, base: dicts with answer_loss, quality (or None) and repeated."""
+    problems = []
+    if point["answer_loss"] > base["answer_loss"] + tolerance["answer_loss"]:
+        problems.append(f"answer loss {point['answer_loss']:.3f} vs the target's {base['answer_loss']:.3f}")
+    if None not in (point["quality"], base["quality"]) and point["quality"] < base["quality"] - tolerance["quality"]:
+        problems.append(f"quality {point['quality']:.3f} vs the target's {base['quality']:.3f}")
+    if point["repeated"] > base["repeated"] + tolerance["repeated"]:
+        problems.append(f"{point['repeated']:.0%} of the outputs repeat a token {REPEAT_LIMIT}+ times "
+                        f"vs the target's {base['repeated']:.0%}")
+    return problems
+
+
+def guard(curve, tolerance, patience):
+    """Read the curve of evaluations (curve[0]: the target itself). A point is acceptable when its
+    quality is within the tolerance of the target's. Returns (the index of the best acceptable
+    point: most tokens/forward, the problems of the last point, whether to stop: the last
+    `patience` points were all unacceptable, and over them the answer loss did not fall or the
+    share of repetitive outputs rose: a collapse, rather than the dip that distillation often
+    makes early and then recovers from)."""
+    problems = [quality_problems(point, curve[0], tolerance) for point in curve]
+    best = max((i for i, p in enumerate(problems) if not p), key=lambda i: curve[i]["tokens_per_forward"])
+    bad = curve[max(i for i, p in enumerate(problems) if not p) + 1:]  # unacceptable, in a row
+    stop = 0 < patience <= len(bad) and (bad[-1]["answer_loss"] >= bad[-patience]["answer_loss"] or
+                                         bad[-1]["repeated"] > bad[-patience]["repeated"])
+    return best, problems[-1], stop
+
+
+def stop_line(curve, patience, tolerance):
+    """The line that ends a collapsing run: what happened and what to try, in two sentences."""
+    last, base = curve[-1], curve[0]
+    head = (f"stopped at iteration {last['iter']}: {patience} evaluations in a row outside the "
+            "quality tolerance and not recovering")
+    if last["repeated"] <= base["repeated"] + tolerance["repeated"]:
+        return head + ". Try a lower learning_rate or max_iters, or a higher ar_weight."
+    if base["answer_loss"] <= WEAK_ANSWER_LOSS:
+        return head + ", the outputs repeat themselves. Try a higher ar_weight or a lower learning_rate."
+    return (head + f", the outputs repeat themselves, and the target is weak (answer loss "
+            f"{base['answer_loss']:.2f}). No setting measured helped such a target: train it better, "
+            "or use prompt lookup (docs/own-data.md).")
+
+
+def describe(point, metric, num_prompts, secs, best, problems):
+    """The log line of one evaluation: its numbers and what the guard made of it."""
+    q = f"{metric} {point['quality']:.3f}, " if point["quality"] is not None else ""
+    window = point["window_tokens_per_forward"]
+    window = f" ({window:.2f} sliding window)" if window else ""
+    return (f"eval iter {point['iter']}: tokens/forward {point['tokens_per_forward']:.2f}{window}, {q}"
+            f"answer loss {point['answer_loss']:.4f}, repetitive {point['repeated']:.0%} on "
+            f"{num_prompts} val prompts ({secs:.1f}s): "
+            + (f"outside the quality tolerance ({'; '.join(problems)})" if problems else
+               "the best so far within the quality tolerance: ckpt.pt" if best is None else
+               f"acceptable; the best stays iteration {best}"))  # best: None when this point is it
+
+
+def verdict(results, tolerance=QUALITY_TOLERANCE):
+    """One line per model under the table: does its fastest method pay on this machine, at what
+    quality, and if not, why and what to try. A CLLM is judged against its target."""
+    base = results.get("target", {}).get("AR")
+    lines = []
+    for model_name, methods in results.items():
+        name, best = max(((k, s) for k, s in methods.items() if k != "AR"),
+                         key=lambda kv: kv[1]["speedup"], default=(None, None))
+        if best is None:
+            continue
+        head = f"{model_name} {name}: {best['speedup']:.2f}x its own AR at {best['tokens_per_forward']:.2f} tokens/forward"
+        problems = quality_problems(best, base, tolerance) if base is not None and model_name != "target" else []
+        if "answer_loss" not in best:
+            lines.append(head)
+        elif problems:
+            lines.append(f"{head}, but quality fell ({'; '.join(problems)}): not a usable speedup. "
+                         "Use an earlier checkpoint, a higher ar_weight or a lower learning_rate.")
+        elif best["speedup"] > 1:
+            lines.append(f"{head}, quality kept: it pays here.")
+        else:
+            weak = best["answer_loss"] > WEAK_ANSWER_LOSS
+            advice = ("train a better target first (answer loss "
+                      f"{best['answer_loss']:.2f}: little to accelerate)" if weak else
+                      "distil it (python train_cllm.py)" if model_name == "target" else
+                      "distil longer, use a smaller n, or a larger target on a GPU")
+            lines.append(f"{head}: does not pay here, a forward costs {best['forward_cost']:.2f}x one "
+                         f"of AR's. Try: {advice}.")
+    return lines

@@ -1,0 +1,215 @@
+"""
+Extra (a learner may skip it): the held-out table. Every prompt is decoded by greedy AR and by
+every other method of every model, interleaved, so that a change in the machine's load hits all
+rows alike; tokens/s is the median over prompts after a warm-up, and the speedup is the median
+over prompts of AR time / method time (same model, same prompt). On CUDA the timings are
+synchronised. bench.py and the end of train_cllm.py print it.
+"""
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict
+from functools import partial
+
+import torch
+
+from common import encode_prompts, load_checkpoint
+from data.common import load_records
+from extras.decoders import prompt_lookup_decode, sliding_window_jacobi_decode
+from extras.quality import (QUALITY_NAMES, QUALITY_TOLERANCE, answer_loss, mean_score,
+                            quality_problems, repetition_rate, verdict)
+from jacobi import greedy_decode, jacobi_decode
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def methods_for(ns, max_new_tokens, eos_id, blocks=0, lookup=False, guess="prefix"):
+    """{method name: decode(model, prompt) -> (tokens, stats)}: Jacobi at each n, and optionally
+    the sliding window (at the first n) and prompt lookup. guess: the initial guess (the one the
+    CLLM was trained with)."""
+    out = {f"Jacobi n={n}": partial(jacobi_decode, max_new_tokens=max_new_tokens, n=n, eos_id=eos_id,
+                                    guess=guess) for n in ns}
+    if blocks:
+        out[f"sliding window {blocks}x{ns[0]}"] = partial(
+            sliding_window_jacobi_decode, max_new_tokens=max_new_tokens, n=ns[0], blocks=blocks,
+            eos_id=eos_id, guess=guess)
+    if lookup:
+        out["prompt lookup"] = partial(prompt_lookup_decode, max_new_tokens=max_new_tokens, eos_id=eos_id)
+    return out
+
+
+def bench_models(models, prompts, methods, max_new_tokens, eos_id=None, warmup=2):
+    """Decode every prompt with every model, by AR and by every method of that model
+    (methods: {model name: {method: decode}}), interleaved.
+
+    Returns {model name: {method: row}}; a row holds the summed tokens and forwards, the
+    per-prompt tokens/s and seconds, the outputs, and (not AR) fast-forwarded/stationary counts
+    and exactness.
+    """
+    device = next(next(iter(models.values())).parameters()).device
+    rows = {}
+    for model_name in models:
+        rows[model_name] = {"AR": dict(tokens=0, forwards=0, tps=[], secs=[], outputs=[])}
+        for name in methods[model_name]:
+            rows[model_name][name] = dict(tokens=0, forwards=0, tps=[], secs=[], outputs=[],
+                                          fast_forwarded=0, stationary=0, exact=0, speedups=[])
+    for i, prompt in enumerate([*prompts[:warmup], *prompts]):
+        counted = i >= warmup
+        for model_name, model in models.items():
+            greedy, secs = timed(lambda: greedy_decode(model, prompt, max_new_tokens, eos_id), device)
+            if counted:
+                _add(rows[model_name]["AR"], greedy, len(greedy), secs)
+            for name, decode in methods[model_name].items():
+                (tokens, stats), msecs = timed(lambda: decode(model, prompt), device)
+                if counted:  # (the statistics are computed here, after the timed call)
+                    row = rows[model_name][name]
+                    _add(row, tokens, stats.forwards, msecs)
+                    row["fast_forwarded"] += stats.fast_forwarded
+                    # stationary tokens exist only where a decoder records blocks (jacobi_decode)
+                    recorded = stats.passes and row["stationary"] is not None
+                    row["stationary"] = row["stationary"] + stats.stationary if recorded else None
+                    row["exact"] += int(torch.equal(tokens, greedy))
+                    row["speedups"].append(secs / msecs)
+    return rows
+
+
+def _add(row, tokens, forwards, secs):
+    row["tokens"] += len(tokens)
+    row["forwards"] += forwards
+    row["tps"].append(len(tokens) / secs)
+    row["secs"].append(secs)
+    row["outputs"].append(tokens.tolist())
+
+
+def summarize(rows):
+    """One summary dict per method: the numbers of the table. forward_cost: the time of one
+    forward pass relative to one of AR's, so tokens/forward must pass it for a speedup."""
+    out = {}
+    ar_per_forward = sum(rows["AR"]["secs"]) / max(rows["AR"]["forwards"], 1)
+    for name, r in rows.items():
+        s = dict(tokens=r["tokens"], forwards=r["forwards"],
+                 tokens_per_forward=r["tokens"] / max(r["forwards"], 1),
+                 tokens_per_s=statistics.median(r["tps"]))
+        if "speedups" in r:
+            s.update(speedup=statistics.median(r["speedups"]), exact=f"{r['exact']}/{len(r['tps'])}",
+                     fast_forwarded=r["fast_forwarded"], stationary=r["stationary"],
+                     forward_cost=sum(r["secs"]) / max(r["forwards"], 1) / ar_per_forward)
+        out[name] = s
+    return out
+
+
+def measure(models, prompts, methods, max_new_tokens, eos_id=None, warmup=2, quality=None):
+    """{model name: {method: summary}} for several models on the same prompts.
+    quality(model, outputs) -> dict of quality numbers, added to every method of the model (the
+    outputs are AR's; the other methods' are the same where 'exact' says so)."""
+    rows = bench_models(models, prompts, methods, max_new_tokens, eos_id, warmup)
+    results = {name: summarize(r) for name, r in rows.items()}
+    if quality is not None:
+        for name, model in models.items():
+            q = quality(model, rows[name]["AR"]["outputs"])
+            for summary in results[name].values():
+                summary.update(q)
+    return results
+
+
+def quality_measure(enc, records, metric, max_new_tokens, device):
+    """quality(model, outputs) for measure(): the task's score, the answer loss, the repetition."""
+    def quality(model, outputs):
+        return dict(quality=mean_score(metric, records, [torch.tensor(o) for o in outputs], enc),
+                    answer_loss=answer_loss(model, enc, records, max_new_tokens, device),
+                    repeated=repetition_rate(outputs))
+    return quality
+
+
+def markdown_table(results, quality_name=None, tolerance=QUALITY_TOLERANCE):
+    """The table, with a mark on every row of a model whose quality is outside the tolerance."""
+    base = results.get("target", {}).get("AR")
+    head = "| model | method | tokens/forward | tokens/s (median) | speedup vs AR | == AR |"
+    head += f" {quality_name} |" if quality_name else ""
+    head += " answer loss | repetitive | fast-fwd | stationary |" if base else " fast-fwd | stationary |"
+    lines = [head, "|" + "---|" * head.count(" |")]
+    for model_name, methods in results.items():
+        fell = base is not None and model_name != "target" and quality_problems(methods["AR"], base, tolerance)
+        for name, s in methods.items():
+            line = (f"| {model_name} | {name} | {s['tokens_per_forward']:.2f} | {s['tokens_per_s']:.1f} | "
+                    f"{s.get('speedup', 1.0):.2f}x | {s.get('exact', '-')} |")
+            if quality_name:
+                line += f" {s['quality']:.3f} |" if s.get("quality") is not None else " - |"
+            if base:
+                line += f" {s['answer_loss']:.4f}{' (quality fell)' if fell else ''} | {s['repeated']:.0%} |"
+            stationary = s.get("stationary")
+            line += f" {s.get('fast_forwarded', '-')} | {'-' if stationary is None else stationary} |"
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def environment(device, dtype="float32"):
+    return dict(device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(),
+                threads=torch.get_num_threads(), dtype=dtype, torch=torch.__version__,
+                python=platform.python_version(), machine=platform.machine())
+
+
+def held_out_comparison(models, enc, records, metric, methods, max_new_tokens, device, warmup=2,
+                        tolerance=QUALITY_TOLERANCE):
+    """{name: model} on held-out records: AR and each model's methods ({model name: {method:
+    decode}}) interleaved per prompt, with the task's quality, the answer loss and the repetition
+    rate. Returns (results, table and verdict as text); a CLLM whose quality fell is marked."""
+    prompts = encode_prompts(enc, records, next(iter(models.values())), max_new_tokens, device)
+    results = measure(models, prompts, methods, max_new_tokens, enc.eot_token, warmup,
+                      quality_measure(enc, records, metric, max_new_tokens, device))
+    base = results.get("target", {}).get("AR")
+    for name, summaries in results.items():
+        problems = quality_problems(summaries["AR"], base, tolerance) if base and name != "target" else []
+        for s in summaries.values():
+            s["quality_within_tolerance"] = not problems
+    text = markdown_table(results, QUALITY_NAMES[metric], tolerance) + "\n" + "\n".join(verdict(results, tolerance))
+    return results, text
+
+
+def report(cfg, target, enc, meta, curve, stopped, tolerance, max_new_tokens, device):
+    """The end of train_cllm.py: the held-out table with the model the guard chose
+    (out_dir/ckpt.pt), the curve, and results.json."""
+    model, chosen = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
+    best = next(c for c in curve if c["iter"] == chosen["iter_num"])
+    print(f"\nthe CLLM is ckpt.pt, iteration {chosen['iter_num']}: the most tokens/forward on the val "
+          f"prompts ({best['tokens_per_forward']:.2f}) of the evaluations within the quality tolerance"
+          + (": no distilled model beat the target within the tolerance, so the 'CLLM' below is the "
+             "target itself" if chosen["iter_num"] == 0 else ""))
+    test_records = load_records(cfg.dataset, "test")[:cfg.test_prompts]
+    results = {}
+    if test_records:
+        print(f"held-out comparison on {len(test_records)} test prompts "
+              f"({environment(device)['device']}, {torch.get_num_threads()} threads):")
+        # the target gets no sliding-window row: it is slower than plain Jacobi on an ordinary
+        # model and the most expensive row (bench.py --blocks=2 measures it)
+        methods = dict(target=methods_for([cfg.n], max_new_tokens, enc.eot_token, 0, cfg.lookup, cfg.guess),
+                       CLLM=methods_for([cfg.n], max_new_tokens, enc.eot_token, cfg.blocks, cfg.lookup,
+                                        cfg.guess))
+        results, text = held_out_comparison({"target": target, "CLLM": model}, enc, test_records,
+                                            meta["metric"], methods, max_new_tokens, device,
+                                            tolerance=tolerance)
+        print(text)
+    print("training curve (val prompts): " + ", ".join(
+        f"{c['train_minutes']:.1f} min: {c['tokens_per_forward']:.2f} tok/fwd"
+        + (f" ({c['window_tokens_per_forward']:.2f} sliding window)" if c.get("window_tokens_per_forward") else "")
+        + (f", {c['quality']:.3f}" if c["quality"] is not None else "")
+        + f", loss {c['answer_loss']:.3f}" for c in curve))
+    with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
+        json.dump(dict(config=asdict(cfg), environment=environment(device), metric=meta["metric"],
+                       results=results, curve=curve, chosen_iter=chosen["iter_num"], stopped=stopped,
+                       verdict=verdict(results, tolerance) if results else []), f, indent=1)
+    return results

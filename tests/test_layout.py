@@ -1,0 +1,63 @@
+# The layout a reader relies on: scripts are leaves, extras say so in their first line, and every
+# setting of every script says what it means in --help.
+# Run: python -m pytest -q tests/test_layout.py
+import ast
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ("train", "train_cllm", "sample", "bench")
+
+
+def project_modules():
+    files = glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "extras", "*.py"))
+    files += glob.glob(os.path.join(ROOT, "data", "**", "*.py"), recursive=True)
+    return files + glob.glob(os.path.join(ROOT, "scripts", "*.py"))
+
+
+def imported(path):
+    """The module names a file imports (import x; from x import y)."""
+    tree = ast.parse(open(path).read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_nothing_imports_a_script():
+    for path in project_modules():
+        assert not imported(path) & set(SCRIPTS), f"{path} imports a script"
+
+
+def test_the_method_needs_three_project_files_besides_train_cllm():
+    """train_cllm.py's own imports: model, jacobi (through extras), common, data and extras."""
+    mine = {m.split(".")[0] for m in imported(os.path.join(ROOT, "train_cllm.py"))}
+    project = mine & {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))}
+    assert project <= {"model", "jacobi", "common"}, project
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "extras", "*.py"))))
+def test_every_extra_says_a_learner_may_skip_it(path):
+    doc = ast.get_docstring(ast.parse(open(path).read()))
+    assert doc and doc.startswith("Extra (a learner may skip it)"), path
+
+
+@pytest.mark.parametrize("script", ["train.py", "train_cllm.py", "sample.py", "bench.py",
+                                    "data/arith/prepare.py", "data/custom/prepare.py"])
+def test_help_lists_every_setting_with_its_meaning(script):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    settings = [line.strip() for line in out.stdout.splitlines() if line.startswith("  --")]
+    assert len(settings) >= 7
+    for line in settings:  # --name=default, then its meaning (a setting may share one with the
+        assert "=" in line  # line before it: "the learning rate at the end")
+        name, _, rest = line.partition(" ")
+        assert rest.strip(), f"{script}: {name} has no meaning in --help"
