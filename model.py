@@ -1,14 +1,14 @@
 """
 A GPT language model in one file, nanoGPT-style, with its own KV cache.
 
-Read from the smallest piece up: KVCache, CausalSelfAttention, MLP, Block, GPTConfig, GPT.
+Read from the smallest piece up: KVCache, CausalSelfAttention, MLP, Block, GPTConfig, pack, GPT.
 Parameter names follow GPT-2 (transformer.wte, wpe, h.N.attn.c_attn, ...) so that GPT-2 weights
 load one to one (extras/gpt2.py).
 
 Three ways to call the model, all through GPT.forward:
   model(idx)                                   plain causal LM, logits for every position
-  model(idx, input_pos=pos, attn_mask=mask)    packed training rows: explicit positions and a
-                                               boolean mask (True = may attend)
+  model(idx, input_pos=pos, attn_mask=mask)    packed training rows (pack): explicit positions
+                                               and a boolean mask (True = may attend)
   model(idx, input_pos=range(a, b), cache=cache)
                                                decoding: keys/values of the new tokens are
                                                written into `cache` at slots a .. b-1
