@@ -161,15 +161,18 @@ def note_changed_settings(saved, cfg):
 # ----------------------------------------------------------------------------------------------
 # device and optimisation
 
-def setup_device(name):
-    """(device, autocast context): bf16 autocast on CUDA, plain float32 on CPU."""
+def setup_device(name, autocast="auto"):
+    """(device, autocast context of the training steps). autocast "auto": bf16 autocast on CUDA,
+    plain float32 on CPU; "bfloat16": bf16 autocast on either (the CPU's autocast supports bf16,
+    so that scripts/gpu_run.sh --smoke trains in the GPU's precision on a CPU); "float32": none."""
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device={name}, but this torch ({torch.__version__}) sees no CUDA GPU: "
                          "use --device=cpu (or auto, which picks a GPU when there is one)")
     device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
                           "cpu" if name == "auto" else name)
-    if device.type == "cuda":  # (TF32 stays off: float32 decoding must stay exactly float32)
-        return device, torch.autocast("cuda", dtype=torch.bfloat16)
+    # (TF32 stays off on CUDA: float32 decoding must stay exactly float32)
+    if autocast == "bfloat16" or (autocast == "auto" and device.type == "cuda"):
+        return device, torch.autocast(device.type, dtype=torch.bfloat16)
     return device, nullcontext()
 
 

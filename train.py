@@ -14,9 +14,9 @@ cosine learning rate, gradient clipping, train/val loss every eval_interval iter
 the end the quality on held-out prompts. Two atomic checkpoints in out_dir: last.pt, everything
 needed to continue (weights, optimizer, RNG states, iteration, settings), which init_from=resume
 continues bit for bit; ckpt.pt, the model with the best val loss so far, which the other scripts
-load. The context (block_size) and the generation length come from the data when not set, and on
-small data max_iters is cut to max_epochs passes, so that a small data set is not trained to
-death; the best-val checkpoint guards against the rest.
+load. The context (block_size) and the generation length come from the data when not set.
+Training stops at max_iters, or earlier once `patience` evaluations brought no better val loss
+(on small data an evaluation comes every epoch), and says which.
 """
 
 import math
@@ -57,7 +57,8 @@ class TrainConfig:
     grad_accum: int = 1          # micro-steps per iteration; under torchrun each process takes
                                  # batch_size / (processes * grad_accum) windows per micro-step
     max_iters: int = 1500        # optimizer steps
-    max_epochs: float = 10.0     # cap max_iters at this many passes over the train tokens (0: none)
+    max_epochs: float = 0.0      # cap max_iters at this many passes over the train tokens (0: no
+                                 # cap: patience ends training on small data)
     learning_rate: float = 3e-3  # after warmup_iters, cosine decay to min_lr
     min_lr: float = 3e-4         # the learning rate at the end
     warmup_iters: int = 100      # linear warm-up steps
@@ -65,7 +66,9 @@ class TrainConfig:
     weight_decay: float = 0.1    # on matrices and embeddings
     grad_clip: float = 1.0       # clip the gradient norm to this (0: no clipping)
     # evaluation and logging
-    eval_interval: int = 250     # train/val loss and val quality every this many steps
+    eval_interval: int = 250     # train/val loss and val quality every this many steps, or every
+                                 # epoch when that comes sooner (small data)
+    patience: int = 5            # stop after this many evaluations without a better val loss (0: never)
     eval_iters: int = 20         # batches per loss estimate
     log_interval: int = 25       # a progress line every this many steps
     val_prompts: int = 50        # val prompts for the quality at every evaluation (0: none)
@@ -74,6 +77,8 @@ class TrainConfig:
     # system
     device: str = "auto"         # "auto": cuda when present, else cpu
     compile: bool = False        # torch.compile (CUDA; it did not help on CPU)
+    autocast: Literal["auto", "bfloat16", "float32"] = "auto"  # training precision: auto = bf16
+                                 # autocast on CUDA, float32 on CPU; bfloat16 on a CPU too
     seed: int = 1337             # the weights' initialisation and the batches
 
 
@@ -129,21 +134,25 @@ def init_model(cfg, vocab_size, block_size, device):
 
 
 def training_length(cfg, train_tokens, block_size, say):
-    """max_iters, cut to max_epochs passes over the training tokens on small data."""
+    """(max_iters, the evaluation interval): max_iters, cut to max_epochs passes over the training
+    tokens when that is set; an evaluation every eval_interval iterations, or every epoch when that
+    comes sooner, so that patience can stop a small data set before it overfits."""
     per_epoch = train_tokens / (cfg.batch_size * block_size)  # iterations per pass
     iters = cfg.max_iters
     if cfg.max_epochs and iters > cfg.max_epochs * per_epoch:
         iters = max(1, math.ceil(cfg.max_epochs * per_epoch))
-        say(f"note: {cfg.max_iters} iterations would be {cfg.max_iters / per_epoch:.0f} epochs of this "
-            f"small data set; training {iters} ({cfg.max_epochs:g} epochs, --max_epochs)")
-    say(f"{iters} iterations of {cfg.batch_size} x {block_size} tokens: {iters / per_epoch:.2f} epochs "
-        f"of {train_tokens:,} training tokens")
-    return iters
+        say(f"note: {cfg.max_iters} iterations would be {cfg.max_iters / per_epoch:.0f} epochs; "
+            f"training {iters} ({cfg.max_epochs:g} epochs, --max_epochs)")
+    every = max(1, min(cfg.eval_interval, math.ceil(per_epoch)))
+    say(f"at most {iters} iterations of {cfg.batch_size} x {block_size} tokens: {iters / per_epoch:.2f} "
+        f"epochs of {train_tokens:,} training tokens; an evaluation every {every} iterations"
+        + (f" (one epoch), stopping after {cfg.patience} without a better val loss" if cfg.patience else ""))
+    return iters, every
 
 
 def main(argv):
     cfg = configure(TrainConfig(), argv)
-    device, ctx = setup_device(cfg.device)
+    device, ctx = setup_device(cfg.device, cfg.autocast)
     world, device = ddp.init(device)  # ddp
     say = print if world.master else lambda *a, **k: None
     per_process = ddp.per_process_batch(cfg.batch_size, cfg.grad_accum, world)  # ddp
@@ -162,11 +171,12 @@ def main(argv):
         raise ValueError(f"{cfg.out_dir}/last.pt was trained on {checkpoint['config']['dataset']!r}, "
                          f"not {cfg.dataset!r}")
     max_new_tokens = cfg.max_new_tokens or generation_length(meta, block_size)
-    max_iters = training_length(cfg, len(splits["train"]), block_size, say)
+    max_iters, eval_every = training_length(cfg, len(splits["train"]), block_size, say)
     batch_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every process
-    iter_num, best_val = 0, float("inf")
+    iter_num, best_val, best_iter, stale = 0, float("inf"), 0, 0  # stale: evaluations since the best
     if checkpoint is not None:  # continue exactly where the checkpoint left off
         iter_num, best_val = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        best_iter, stale = checkpoint.get("best_iter", 0), checkpoint.get("stale_evals", 0)
         batch_gen.set_state(checkpoint["batch_rng"])
         ddp.restore_rng(checkpoint["torch_rng"], world)
     resumed_at = iter_num  # where this run starts: evaluated already when resumed
@@ -178,35 +188,45 @@ def main(argv):
         + f", from {cfg.init_from} at iter {iter_num}")
 
     def evaluate_and_checkpoint():
-        """Train/val loss and val quality; last.pt always, ckpt.pt when the val loss is the best."""
-        nonlocal best_val
+        """Train/val loss and val quality; last.pt always, ckpt.pt when the val loss is the best.
+        Returns the line that stops training once patience evaluations brought no better val loss."""
+        nonlocal best_val, best_iter, stale
         rng = ddp.all_gather(torch.get_rng_state(), world)  # ddp: every process's
         if not world.master:
-            return
+            return ddp.all_gather(None, world)[0]  # ddp: rank 0 decides
         losses = estimate_loss(model, splits, cfg, block_size, ctx, device)
         quality = greedy_quality(model, enc, val_prompts, val_records, meta["metric"], max_new_tokens)
         model.train()
         best = losses["val"] < best_val
-        best_val = min(best_val, losses["val"])
+        best_val, best_iter, stale = (losses["val"], iter_num, 0) if best else (best_val, best_iter, stale + 1)
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
               + (f", val {meta['metric']} {quality:.3f}" if quality is not None else "")
               + (" (best so far: ckpt.pt)" if best else f" (best {best_val:.4f} stays in ckpt.pt)"))
         state = dict(model=model.state_dict(), model_args=asdict(model.config), iter_num=iter_num,
                      config=asdict(cfg), dataset=cfg.dataset, kind="target", val_loss=losses["val"],
+                     max_iters=max_iters,
                      tokenizer=tokenizer_fingerprint(cfg.dataset))
         save_checkpoint(os.path.join(cfg.out_dir, "last.pt"), dict(
-            state, optimizer=optimizer.state_dict(), best_val_loss=best_val,
-            batch_rng=batch_gen.get_state(), torch_rng=rng))
+            state, optimizer=optimizer.state_dict(), best_val_loss=best_val, best_iter=best_iter,
+            stale_evals=stale, batch_rng=batch_gen.get_state(), torch_rng=rng))
         if best:
             save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), state)
+        stop = None
+        if cfg.patience and stale >= cfg.patience:
+            stop = (f"stopped at iteration {iter_num}: {stale} evaluations without a better val loss; "
+                    f"the best, {best_val:.4f} at iteration {best_iter}, is ckpt.pt")
+            print(stop)
+        return ddp.all_gather(stop, world)[0]
 
     t_start = t0 = time.time()
-    last_log = iter_num
+    last_log, stopped = iter_num, None
     while iter_num < max_iters:
-        if iter_num % cfg.eval_interval == 0 and iter_num != resumed_at:  # (0 when fresh)
-            evaluate_and_checkpoint()
+        if iter_num % eval_every == 0 and iter_num != resumed_at:  # (0 when fresh)
+            stopped = evaluate_and_checkpoint()
             ddp.barrier(world)
             t0 = time.time()  # the evaluation is not training time
+            if stopped:
+                break
         lr = get_lr(iter_num, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters or max_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -227,9 +247,12 @@ def main(argv):
             t0, last_log = time.time(), iter_num
             say(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, time {dt * 1000:.0f}ms, "
                 f"{cfg.batch_size * block_size / dt:,.0f} tok/s, eta {(max_iters - iter_num) * dt / 60:.1f} min")
-    if iter_num > resumed_at or checkpoint is None:  # (a resumed run evaluated resumed_at already)
+    if not stopped and (iter_num > resumed_at or checkpoint is None):  # (resumed_at: evaluated)
         evaluate_and_checkpoint()
-    say(f"trained {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min")
+    improving = not stopped and best_iter == iter_num  # (rank 0 knows)
+    say(f"trained {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min"
+        + (": max_iters, with the val loss still improving (a larger --max_iters may train a better "
+           "target)" if improving else ""))
     result = {}
     if world.master:
         best, saved = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)

@@ -32,11 +32,13 @@ import torch.nn.functional as F
 from common import (configure, encode_prompts, fingerprint, get_lr, load_checkpoint, load_model,
                     note_changed_settings, optimizer_step, refuse_to_overwrite, run, save_checkpoint,
                     setup_device, tokenizer_fingerprint)
-from data.common import ensure_prepared, generation_length, load_encoding, load_meta, load_records
+from data.common import (ensure_prepared, generation_length, load_encoding, load_meta, load_records,
+                         trajectory_length)
 from extras import ddp
 from extras.jacobi_forcing import noisy_streams
-from extras.quality import QUALITY_TOLERANCE, REPEAT_LIMIT, describe, evaluate, guard, stop_line
-from extras.table import report
+from extras.quality import (QUALITY_TOLERANCE, REPEAT_LIMIT, describe, evaluate, guard, stop_line,
+                            unfit_target)
+from extras.table import cost_line, report
 from extras.trajectories import load_or_collect
 from model import pack
 
@@ -51,7 +53,7 @@ class CLLMConfig:
     n: int = 16                      # Jacobi block size
     guess: Literal["prefix", "repeat"] = "prefix"  # the initial guess y^(0) (jacobi.initial_guess)
     num_prompts: int = 4000          # training prompts to collect trajectories on
-    traj_max_new_tokens: int = 0     # tokens decoded per prompt; 0: from the data
+    traj_max_new_tokens: int = 0     # tokens decoded per prompt; 0: 95% of the data's answers fit
     collect_batch: int = 64          # prompts decoded side by side
     repeat_limit: int = REPEAT_LIMIT  # drop a prompt whose output repeats a token this many times
     # 2. the losses: consistency + ar_weight * AR
@@ -74,9 +76,12 @@ class CLLMConfig:
     test_prompts: int = 200          # test prompts of the final table (0: no table); 200 give
                                      # an accuracy near 0.75 to +-0.03 (one standard error)
     max_new_tokens: int = 0          # tokens decoded per prompt there; 0: from the data
+    force: bool = False              # distil a target that the check before collection calls unfit
     log_interval: int = 25           # a progress line every this many steps
     device: str = "auto"             # auto: cuda when there is one, else cpu
     compile: bool = False            # torch.compile the training step (a GPU setting)
+    autocast: Literal["auto", "bfloat16", "float32"] = "auto"  # training precision: auto =
+                                     # bf16 autocast on CUDA, float32 on CPU; bfloat16 on a CPU too
     seed: int = 1337                 # the trajectories' guesses, the batches, the states drawn
     # extras (a learner may skip them)
     recipe: Literal["cllm", "jacobi_forcing"] = "cllm"  # jacobi_forcing: noisy streams of states
@@ -306,7 +311,7 @@ def choose_states(records, cfg, generator):
 
 def main(argv):
     cfg = configure(CLLMConfig(), argv)
-    device, autocast = setup_device(cfg.device)
+    device, autocast = setup_device(cfg.device, cfg.autocast)
     world, device = ddp.init(device)
     say = print if world.master else lambda *a, **k: None
     per_process = ddp.per_process_batch(cfg.batch_size, cfg.grad_accum, world)
@@ -315,13 +320,25 @@ def main(argv):
         raise ValueError("val_prompts must be at least 1: the guard chooses the CLLM by them")
     if world.size == 1:
         ensure_prepared(cfg.dataset)  # a fresh clone prepares data/arith here (~20 s)
-    target, _ = load_model(os.path.join(cfg.target_dir, "ckpt.pt"), device, cfg.dataset, say)
+    target, target_ckpt = load_model(os.path.join(cfg.target_dir, "ckpt.pt"), device, cfg.dataset, say)
     meta, enc = load_meta(cfg.dataset), load_encoding(cfg.dataset)
     context = target.config.block_size
     cfg = replace(cfg, max_new_tokens=cfg.max_new_tokens or generation_length(meta, context),
-                  traj_max_new_tokens=cfg.traj_max_new_tokens or generation_length(meta, context))
+                  traj_max_new_tokens=cfg.traj_max_new_tokens or trajectory_length(meta, context, cfg.n))
     torch.manual_seed(cfg.seed + world.rank)
     target_id = fingerprint(target.state_dict())  # which target the trajectories and CLLM come from
+    val_records = load_records(cfg.dataset, "val")[:cfg.val_prompts] if world.master else []
+    val_prompts = encode_prompts(enc, val_records, target, cfg.max_new_tokens, device, "val prompts")
+
+    # 0. is the target worth distilling? Its evaluation is also the first point of the curve
+    first = unfit = eval_secs = None
+    if world.master and cfg.init_from == "target":
+        t = time.time()
+        first = evaluate(target, enc, val_prompts, val_records, cfg, meta["metric"], cfg.max_new_tokens, device)
+        unfit = unfit_target(first, val_records, enc, cfg.max_new_tokens, meta["metric"])
+        eval_secs = time.time() - t
+    if ddp.all_gather(unfit, world)[0] and not cfg.force:
+        raise ValueError(unfit)
 
     # 1. the trajectories, collected once per target and settings
     records = load_or_collect(cfg, target, target_id, enc, world)
@@ -329,6 +346,8 @@ def main(argv):
         raise ValueError("no usable trajectories (every prompt was dropped as repetitive)")
 
     # the CLLM starts from the target's weights (or from last.pt of an earlier run)
+    tolerance = dict(answer_loss=cfg.max_loss_rise, quality=cfg.max_quality_drop,
+                     repeated=cfg.max_repeat_rise)
     last_path, best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "ckpt.pt")
     batch_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every process
     iter_num, curve, train_secs, stopped, last_eval = 0, [], 0.0, None, -1
@@ -337,6 +356,10 @@ def main(argv):
         note_changed_settings(checkpoint["config"], cfg)
         iter_num, curve, train_secs = checkpoint["iter_num"], checkpoint["curve"], checkpoint["train_secs"]
         last_eval = curve[-1]["iter"]
+        if world.master and guard(curve, tolerance, cfg.guard_patience)[2]:  # the guard had stopped it
+            stopped = stop_line(curve, cfg.guard_patience, tolerance)
+            print(f"{cfg.out_dir} was stopped by the guard: {stopped}")
+        stopped = ddp.all_gather(stopped, world)[0]
         batch_gen.set_state(checkpoint["batch_rng"])
         ddp.restore_rng(checkpoint["torch_rng"], world)
     else:
@@ -346,25 +369,23 @@ def main(argv):
     if cfg.init_from == "resume":
         optimizer.load_state_dict(checkpoint["optimizer"])
     train_model = ddp.wrap(torch.compile(model) if cfg.compile else model, world, device)
-    tolerance = dict(answer_loss=cfg.max_loss_rise, quality=cfg.max_quality_drop,
-                     repeated=cfg.max_repeat_rise)
-    val_records = load_records(cfg.dataset, "val")[:cfg.val_prompts] if world.master else []
-    val_prompts = encode_prompts(enc, val_records, model, cfg.max_new_tokens, device, "val prompts")
     say(f"distilling on {len(records)} prompts ({sum(len(r['states']) for r in records)} blocks): "
         f"{cfg.recipe} recipe, {cfg.consistency} consistency + {cfg.ar_weight} * AR "
         f"({cfg.ar_target}), from iter {iter_num} to {cfg.max_iters}")
 
     def evaluate_and_save():
         """Evaluate on the val prompts; last.pt always, ckpt.pt when the guard has a new best."""
-        nonlocal stopped, last_eval
+        nonlocal stopped, last_eval, eval_secs
         last_eval = iter_num
         rng = ddp.all_gather(torch.get_rng_state(), world)  # every process's RNG, for resuming
         if world.master:
             t = time.time()
-            e = evaluate(model, enc, val_prompts, val_records, cfg, meta["metric"], cfg.max_new_tokens, device)
+            e = first if iter_num == 0 and first else evaluate(model, enc, val_prompts, val_records, cfg,
+                                                               meta["metric"], cfg.max_new_tokens, device)
+            eval_secs = eval_secs if e is first else time.time() - t
             curve.append(dict(iter=iter_num, train_minutes=round(train_secs / 60, 2), **e))
             best, problems, stop = guard(curve, tolerance, cfg.guard_patience)
-            print(describe(curve[-1], meta["metric"], len(val_records), time.time() - t,
+            print(describe(curve[-1], meta["metric"], len(val_records), eval_secs,
                            None if best == len(curve) - 1 else curve[best]["iter"], problems))
             state = dict(model=model.state_dict(), model_args=asdict(model.config), iter_num=iter_num,
                          config=asdict(cfg), dataset=cfg.dataset, kind="cllm", target=target_id,
@@ -379,7 +400,7 @@ def main(argv):
                 print(stopped)
         stopped = ddp.all_gather(stopped, world)[0]  # rank 0 decides
 
-    t0, last_log = time.time(), iter_num
+    t0, last_log, start, start_secs = time.time(), iter_num, iter_num, train_secs
     while iter_num < cfg.max_iters and not stopped:
         if iter_num % cfg.eval_interval == 0 and last_eval != iter_num:
             evaluate_and_save()
@@ -410,6 +431,8 @@ def main(argv):
         optimizer_step(model, optimizer, cfg.grad_clip)
         train_secs += time.time() - step_start
         iter_num += 1
+        if iter_num == start + 5 and world.master:  # what the rest will cost, a few steps in
+            print(cost_line(cfg, iter_num, (train_secs - start_secs) / 5, eval_secs))
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
             l_c, l_ar = ddp.all_sum(terms.tolist(), world)  # the whole batch's means
             dt = (time.time() - t0) / (iter_num - last_log)
@@ -423,7 +446,8 @@ def main(argv):
     # 5. the report, with the checkpoint the guard kept
     results = {}
     if world.master:
-        results = report(cfg, target, enc, meta, curve, stopped, tolerance, cfg.max_new_tokens, device)
+        results = report(cfg, target, target_ckpt, enc, meta, curve, stopped, tolerance,
+                         cfg.max_new_tokens, device)
     ddp.finish(world)
     return results
 

@@ -132,6 +132,15 @@ def generation_length(meta, context):
     return max(1, min(answer, context // 2))
 
 
+def trajectory_length(meta, context, n):
+    """Tokens decoded per training prompt of a CLLM: whole blocks of n that hold 95% of the data's
+    answers, at most the generation length, so that a target whose outputs never end (a weak one)
+    costs no more than one that ends them."""
+    p95 = meta.get("lengths", {}).get("answer", {}).get("p95")
+    full = generation_length(meta, context)
+    return min(full, -(-p95 // n) * n) if p95 else full
+
+
 def _write_json(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)

@@ -5,6 +5,7 @@ quality guard that keeps a speedup from being bought with quality.
 - answer_loss: the held-out loss of the answers given their prompts (every dataset has it).
 - greedy_quality: the task's own score of greedy outputs (accuracy, parse rate, exact match).
 - evaluate: a CLLM during distillation: Jacobi tokens per forward, quality, repetition, loss.
+- unfit_target: whether a target has learned its task well enough to be worth distilling.
 - quality_problems, guard, stop_line: which evaluation is acceptable, which checkpoint is the
   CLLM, when a run is collapsing, and the line it stops with.
 - verdict: one line per model under the final table.
@@ -72,7 +73,7 @@ def evaluate(model, enc, prompts, records, cfg, metric, max_new_tokens, device):
     """Jacobi-decode held-out prompts: tokens per forward (and with the sliding window), the
     task's quality (None where there is none), the share of repetitive outputs, the answer loss."""
     model.eval()
-    tokens = forwards = window_forwards = 0
+    tokens = forwards = window_forwards = ended = 0
     outputs = []
     for p in prompts:
         out, stats = jacobi_decode(model, p, max_new_tokens, cfg.n, enc.eot_token, cfg.guess)
@@ -81,11 +82,36 @@ def evaluate(model, enc, prompts, records, cfg, metric, max_new_tokens, device):
             window_forwards += sliding_window_jacobi_decode(
                 model, p, max_new_tokens, cfg.n, cfg.blocks, enc.eot_token, cfg.guess)[1].forwards
         outputs.append(out)
+        ended += enc.eot_token in out.tolist()
     return dict(tokens_per_forward=tokens / max(forwards, 1),
                 window_tokens_per_forward=tokens / max(window_forwards, 1) if cfg.blocks else None,
                 repeated=repetition_rate([o.tolist() for o in outputs], cfg.repeat_limit),
                 quality=mean_score(metric, records, outputs, enc),
-                answer_loss=answer_loss(model, enc, records, max_new_tokens, device))
+                answer_loss=answer_loss(model, enc, records, max_new_tokens, device),
+                ended=ended / max(len(prompts), 1))
+
+
+def unfit_target(point, records, enc, max_new_tokens, metric):
+    """The line that refuses to distil a target that has not learned its task, or None. point:
+    the target's evaluation on val records. Unfit: no answer right, outputs that do not end where
+    the data's do, or an answer loss above WEAK_ANSWER_LOSS; measured: targets at 0.02 (arith)
+    and 0.23 nats (SQL) distilled to 2.5-3x, targets at 2.4-3.6 nats (SQL trained too little,
+    Bible text, Python code) got nothing or collapsed (docs/own-data.md)."""
+    fits = sum(len(enc.encode_ordinary(r["answer"])) < max_new_tokens for r in records) / max(len(records), 1)
+    problems = []
+    if point["quality"] == 0:
+        problems.append(f"{QUALITY_NAMES[metric]} 0")
+    if point["ended"] < fits / 2:
+        problems.append(f"{point['ended']:.0%} of its outputs end within {max_new_tokens} tokens, "
+                        f"where {fits:.0%} of the answers do")
+    if point["answer_loss"] > WEAK_ANSWER_LOSS:
+        problems.append(f"answer loss {point['answer_loss']:.2f} nats per token")
+    if not problems:
+        return None
+    return (f"the target has not learned its task ({', '.join(problems)} on {len(records)} val "
+            "prompts), and a CLLM only produces the target's own outputs faster. Train it longer, on "
+            "more data or larger, or use prompt lookup (python bench.py --lookup); --force distils it "
+            "anyway (docs/own-data.md).")
 
 
 def quality_problems(point, base, tolerance=QUALITY_TOLERANCE):

@@ -180,7 +180,7 @@ def held_out_comparison(models, enc, records, metric, methods, max_new_tokens, d
     return results, text
 
 
-def report(cfg, target, enc, meta, curve, stopped, tolerance, max_new_tokens, device):
+def report(cfg, target, target_ckpt, enc, meta, curve, stopped, tolerance, max_new_tokens, device):
     """The end of train_cllm.py: the held-out table with the model the guard chose
     (out_dir/ckpt.pt), the curve, and results.json."""
     model, chosen = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
@@ -203,6 +203,9 @@ def report(cfg, target, enc, meta, curve, stopped, tolerance, max_new_tokens, de
                                             meta["metric"], methods, max_new_tokens, device,
                                             tolerance=tolerance)
         print(text)
+        note = still_training_note(target_ckpt, results, tolerance)
+        if note:
+            print(note)
     print("training curve (val prompts): " + ", ".join(
         f"{c['train_minutes']:.1f} min: {c['tokens_per_forward']:.2f} tok/fwd"
         + (f" ({c['window_tokens_per_forward']:.2f} sliding window)" if c.get("window_tokens_per_forward") else "")
@@ -213,3 +216,36 @@ def report(cfg, target, enc, meta, curve, stopped, tolerance, max_new_tokens, de
                        results=results, curve=curve, chosen_iter=chosen["iter_num"], stopped=stopped,
                        verdict=verdict(results, tolerance) if results else []), f, indent=1)
     return results
+
+
+def still_training_note(target_ckpt, results, tolerance):
+    """A note when the CLLM's quality beats its target's and the target ended its training with
+    its val loss still falling (its best checkpoint is its last iteration): then the AR loss may
+    have gone on training the model, and part of the gain is that, not distillation."""
+    last = target_ckpt.get("max_iters", target_ckpt.get("config", {}).get("max_iters"))
+    cllm, base = results["CLLM"]["AR"], results["target"]["AR"]
+    gain = (cllm["quality"] or 0) - (base["quality"] or 0) > tolerance["quality"] or \
+        base["answer_loss"] - cllm["answer_loss"] > tolerance["answer_loss"]
+    if not gain or target_ckpt.get("iter_num") != last:
+        return None
+    return (f"note: the target's val loss was still falling when its training ended (iteration {last}), "
+            "so part of the CLLM's better quality is likely the AR loss training it further, not "
+            "distillation; a target trained to its plateau (python train.py) is the fair baseline.")
+
+
+def cost_line(cfg, iter_num, secs_per_iter, eval_secs):
+    """The line that says, a few steps into distillation, what the rest of the run will cost:
+    the steps left, the evaluations left (each timed like the first, on the target: later ones are
+    faster), and the final table (its decodes, each about as slow as one of an evaluation's)."""
+    steps = (cfg.max_iters - iter_num) * secs_per_iter
+    evals = sum(k % cfg.eval_interval == 0 or k == cfg.max_iters for k in range(iter_num + 1, cfg.max_iters + 1))
+    if eval_secs is None:  # a resumed run that has not evaluated yet
+        return (f"expected: {steps / 60:.1f} min of distillation ({secs_per_iter:.2f} s per step), "
+                f"then {evals} evaluations and the table")
+    decodes = 2 + 2 + bool(cfg.blocks) + 2 * cfg.lookup  # AR + Jacobi of two models, the extras
+    per_decode = eval_secs / max(cfg.val_prompts, 1) / (1 + bool(cfg.blocks))
+    table = cfg.test_prompts * decodes * per_decode
+    total = steps + evals * eval_secs + table
+    return (f"expected: {steps / 60:.1f} min of distillation ({secs_per_iter:.2f} s per step), "
+            f"{evals} evaluations {evals * eval_secs / 60:.1f} min, the table on {cfg.test_prompts} test "
+            f"prompts {table / 60:.1f} min: about {total / 60:.1f} min more")

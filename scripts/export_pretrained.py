@@ -20,7 +20,7 @@ import torch
 
 from common import SHIPPED, configure, load_checkpoint, run, save_checkpoint, tokenizer_fingerprint
 
-KEEP = ("model_args", "config", "dataset", "kind", "iter_num", "target", "val_loss", "curve")
+KEEP = ("model_args", "config", "dataset", "kind", "iter_num", "max_iters", "target", "val_loss", "curve")
 
 
 @dataclass

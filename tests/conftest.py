@@ -1,6 +1,11 @@
 # Shared helpers of the test suite. Run everything with: python -m pytest -q
 # The decoding tests also run on a GPU, in float32 with TF32 off: python -m pytest -q --device=cuda
-# tests/test_model.py tests/test_jacobi.py tests/test_decoders.py (scripts/gpu_run.sh does).
+# tests/test_model.py tests/test_jacobi.py tests/test_decoders.py (scripts/gpu_run.sh does). Those
+# tests build every input and read every output through the helpers below (make_model,
+# random_prompt, random_tokens, tensor), which put tensors on DEVICE, so that they run on any device.
+import itertools
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -16,6 +21,9 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     global DEVICE
     DEVICE = torch.device(config.getoption("--device"))
+    # One CPU thread: the tests' models are tiny, too small to split across threads, and on a busy
+    # 2-core machine two threads wait for each other (measured: the whole suite 3 min instead of 10)
+    torch.set_num_threads(1)
     if DEVICE.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # exactness is a float32 promise
         torch.backends.cudnn.allow_tf32 = False
@@ -36,7 +44,46 @@ def make_model(seed=0, vocab_size=50, block_size=64, n_layer=2, n_head=2, n_embd
 
 def random_prompt(length, seed, vocab_size=50):
     """A random prompt on DEVICE, the same on any device for a seed."""
-    return torch.randint(vocab_size, (length,), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    return random_tokens((length,), torch.Generator().manual_seed(seed), vocab_size)
+
+
+def random_tokens(shape, generator, vocab_size=50):
+    """Random token ids of a shape on DEVICE, drawn on the CPU from a torch.Generator: the same ids
+    on any device (a GPU's generator would draw others)."""
+    return torch.randint(vocab_size, shape, generator=generator).to(DEVICE)
+
+
+def tensor(data, **kwargs):
+    """torch.tensor(data) on DEVICE."""
+    return torch.tensor(data, device=DEVICE, **kwargs)
+
+
+@contextmanager
+def recorded_forwards(model):
+    """The positions (input_pos) of every forward pass of model made inside the block: a count of
+    a decoder's forward passes that does not rely on the statistics the decoder keeps itself."""
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs["input_pos"]),
+                                           with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        hook.remove()
+
+
+def committed_per_pass(passes, prompt_len, n_tokens):
+    """How many tokens each decoding pass committed, read off the positions of the passes alone.
+    Every pass after the first starts at the last token committed so far (run again: its cache slot
+    was computed from a guess, see jacobi_decode), so pass i committed up to passes[i + 1].start + 1;
+    the last one, up to the end of the output."""
+    done = [p.start + 1 for p in passes[1:]] + [prompt_len + n_tokens] if passes else []
+    return [b - a for a, b in zip([prompt_len] + done, done)]
+
+
+def passes_per_block(passes):
+    """Forward passes per Jacobi block, read off their positions: every pass of a block runs up to
+    the block's end, and each block ends further on than the one before."""
+    return [len(list(group)) for _, group in itertools.groupby(p.stop for p in passes)]
 
 
 @pytest.fixture(scope="session")
@@ -67,5 +114,5 @@ def tiny_cllm(tiny_target, tmp_path_factory):
     train_cllm.main([f"--dataset={data}", f"--target_dir={target}", f"--out_dir={out}", "--n=4",
                      "--num_prompts=8", "--traj_max_new_tokens=16", "--batch_size=4", "--max_iters=2",
                      "--val_prompts=2", "--max_new_tokens=16", "--test_prompts=2",
-                     "--repeat_limit=1000"])
+                     "--repeat_limit=1000", "--force"])
     return out

@@ -1,7 +1,13 @@
-# Tests of train_cllm.py: batched trajectory collection, packing, the losses, and distillation
-# that measurably raises tokens per forward while Jacobi stays exactly greedy.
+# Tests of train_cllm.py: the losses and their pieces against hand-worked examples, batched
+# trajectory collection, packing (one forward equals the reference's many), gradient
+# accumulation, the quality guard (also on resume), and distillation that measurably raises
+# tokens per forward while Jacobi stays exactly greedy.
 # Run: python -m pytest -q tests/test_cllm.py
+import copy
 import json
+import re
+import os
+import shutil
 
 import pytest
 import torch
@@ -11,9 +17,9 @@ from conftest import make_model
 from extras.quality import guard, stop_line
 from jacobi import collect_trajectories, greedy_decode, jacobi_decode
 from extras.jacobi_forcing import noise_ratio, noisy_streams
-from train_cllm import (CLLMConfig, collate, consistency_loss, consistency_mask, consistency_target,
-                        distillation_loss, distillation_loss_reference, 
-                        pack_row)
+from train_cllm import (CLLMConfig, ar_labels, ar_loss, choose_states, collate, consistency_loss,
+                        consistency_mask, consistency_pair, consistency_target, distillation_loss,
+                        distillation_loss_reference, pack_row)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,6 +64,42 @@ def test_horizon_keeps_the_first_logits_from_the_first_wrong_token():
     assert consistency_mask(fixed.clone(), fixed, horizon=2).tolist() == [False] * 5
 
 
+def smoothed_cross_entropy(logits, labels, eps):
+    """Label smoothing by hand, position by position: the label gets 1 - eps of the target
+    distribution and every token of the vocabulary eps / V, so the loss at a position is
+    (1 - eps) * -log p(label) + eps * mean over v of -log p(v); averaged over the labelled
+    positions (label -1: none)."""
+    losses = []
+    for row, label in zip(logits.reshape(-1, logits.size(-1)), labels.reshape(-1).tolist()):
+        if label != -1:
+            logp = row.double().log_softmax(-1)
+            losses.append(-(1 - eps) * logp[label] - eps * logp.mean())
+    return torch.stack(losses).mean()
+
+
+def test_label_smoothing_of_the_ar_loss():
+    """ar_loss with smoothing is the smoothed cross-entropy, on hand-made logits and on the
+    packed batch (its AR term equals the smoothed loss of a plain forward of prompt + answer)."""
+    g = torch.Generator().manual_seed(8)
+    logits, labels = torch.randn(2, 5, 11, generator=g), torch.randint(11, (2, 5), generator=g)
+    labels[0, :2] = -1
+    for eps in (0.0, 0.1, 0.3):
+        torch.testing.assert_close(ar_loss(logits, labels, eps).double(),
+                                   smoothed_cross_entropy(logits, labels, eps))
+    cfg = CLLMConfig(label_smoothing=0.1)
+    records = [fake_record(g), fake_record(g, blocks=((4, 2),), prompt_len=3, answer_len=4)]
+    model = make_model(seed=5)
+    by_hand_logits, by_hand_labels = [], []
+    for r in records:  # the AR term's forward: prompt + answer, logits from the last prompt token on
+        out, _ = model(torch.cat([r["prompt"], r["answer"][:-1]])[None])
+        by_hand_logits.append(out[0, len(r["prompt"]) - 1:])
+        by_hand_labels.append(r["answer"])
+    rows = [pack_row(r, [(0, [0])], cfg, 64) for r in records]
+    _, _, l_ar = distillation_loss(model, collate(rows, "cpu"), cfg)
+    torch.testing.assert_close(l_ar.double(), smoothed_cross_entropy(
+        torch.cat(by_hand_logits), torch.cat(by_hand_labels), 0.1), atol=1e-5, rtol=1e-5)
+
+
 def test_local_and_global_targets():
     states = torch.tensor([[5, 5, 5], [1, 5, 5], [1, 2, 5], [1, 2, 3]])
     assert consistency_target(states, 0, "global") == 3
@@ -66,6 +108,37 @@ def test_local_and_global_targets():
     assert consistency_target(states, 2, "local") == 3
     with pytest.raises(ValueError, match="global' or 'local"):
         consistency_target(states, 0, "both")
+
+
+# A record worked by hand: prompt 1 2 3; block 0 went 5 5 -> 10 11, block 1 went 7 7 -> 12 7 ->
+# 12 13; the dataset's answer is 10 11 12 14 and EOS (49), where the target said 13.
+HAND = dict(prompt=torch.tensor([1, 2, 3]), answer=torch.tensor([10, 11, 12, 14, 49]),
+            states=[torch.tensor([[5, 5], [10, 11]]), torch.tensor([[7, 7], [12, 7], [12, 13]])])
+
+
+def test_consistency_pairs_worked_by_hand():
+    """(prefix, y, yhat) of a choice: the CLLM recipe's one state after the clean prefix, and a
+    Jacobi Forcing stream, a state of every block after the prompt; with their masks."""
+    pair = lambda choice, kind: [t.tolist() for t in consistency_pair(HAND, choice, kind)]
+    assert pair((1, [0]), "global") == [[1, 2, 3, 10, 11], [7, 7], [12, 13]]
+    assert pair((1, [0]), "local") == [[1, 2, 3, 10, 11], [7, 7], [12, 7]]
+    assert pair((1, [1]), "local") == [[1, 2, 3, 10, 11], [12, 7], [12, 13]]
+    assert pair((0, [0]), "local") == [[1, 2, 3], [5, 5], [10, 11]]
+    assert pair((0, [0, 1]), "global") == [[1, 2, 3], [5, 5, 12, 7], [10, 11, 12, 13]]
+    assert pair((0, [1, 0]), "local") == [[1, 2, 3], [10, 11, 7, 7], [10, 11, 12, 7]]
+    # which logits count: 12 7 vs 12 13 have the same inputs (the last token is no input)
+    assert consistency_mask(torch.tensor([12, 7]), torch.tensor([12, 13])).tolist() == [False]
+    # a clean block 0 and then a wrong one: the logits from the first 7 on
+    mask = consistency_mask(torch.tensor([10, 11, 7, 7]), torch.tensor([10, 11, 12, 7]))
+    assert mask.tolist() == [False, False, True]
+
+
+def test_ar_labels_worked_by_hand():
+    """The AR labels: the dataset's answer with its EOS, cut where the context ends, or the
+    target's own output y* (the fixed points one after the other)."""
+    assert ar_labels(HAND, "ground_truth", 64).tolist() == [10, 11, 12, 14, 49]
+    assert ar_labels(HAND, "ground_truth", 6).tolist() == [10, 11, 12]  # 3 prompt tokens + 3
+    assert ar_labels(HAND, "fixed_point", 64).tolist() == [10, 11, 12, 13]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,13 +171,23 @@ def fake_record(g, blocks=((5, 1), (5, 3), (3, 2)), prompt_len=6, answer_len=9, 
                 states=[torch.randint(vocab, (S + 1, b), generator=g) for b, S in blocks])
 
 
-def fake_batch(g, recipe):
-    records = [fake_record(g), fake_record(g, blocks=((4, 2), (2, 1)), prompt_len=3, answer_len=4),
-               fake_record(g, blocks=((5, 0),))]  # a block whose first guess was its fixed point
+def fake_batch(g, recipe, cfg, model):
+    """Records and the choices a step trains on. CLLM: random states and hand-picked choices
+    (an empty one, a block whose first guess was its fixed point). Jacobi Forcing: real
+    trajectories of the model, whose states are partly right, and the streams the training loop
+    draws (choose_states -> extras.jacobi_forcing.noisy_streams)."""
     if recipe == "cllm":
-        choices = [[(0, [0]), (1, [2]), (1, [0]), (2, [1])], [(0, [1]), (1, [0])], []]
-    else:
-        choices = [[(0, [0, 2, 1]), (0, [1, 0, 2])], [(0, [2, 0])], [(0, [0])]]
+        records = [fake_record(g), fake_record(g, blocks=((4, 2), (2, 1)), prompt_len=3, answer_len=4),
+                   fake_record(g, blocks=((5, 0),))]  # a block whose first guess was its fixed point
+        return records, [[(0, [0]), (1, [2]), (1, [0]), (2, [1])], [(0, [1]), (1, [0])], []]
+    prompts = [torch.randint(50, (L,), generator=g) for L in (6, 3, 9)]
+    trajs = collect_trajectories(model.eval(), prompts, 5, 13, seeds=[0, 1, 2])
+    records = [dict(prompt=p, answer=torch.randint(50, (9,), generator=g), states=[b.states for b in t])
+               for p, t in zip(prompts, trajs)]
+    choices = choose_states(records, cfg, g)
+    # streams that mix clean and noisy blocks, and noisy blocks after the first
+    assert any(0 < j < len(r["states"][b]) - 1 for r, c in zip(records, choices)
+               for _, js in c for b, j in enumerate(js) if b > 0)
     return records, choices
 
 
@@ -116,10 +199,10 @@ def fake_batch(g, recipe):
     ("jacobi_forcing", "global", "ground_truth", 2)])
 def test_packed_loss_and_gradients_equal_the_reference(recipe, kind, ar_target, horizon):
     g = torch.Generator().manual_seed(3)
-    records, choices = fake_batch(g, recipe)
     cfg = CLLMConfig(recipe=recipe, consistency=kind, ar_target=ar_target, ar_weight=3.0,
-                     horizon=horizon)
+                     horizon=horizon, states_per_block=2)
     model = make_model(seed=5)  # block_size 64
+    records, choices = fake_batch(g, recipe, cfg, model)
     model.train()
     ref = distillation_loss_reference(model, records, choices, cfg)
     ref[0].backward()
@@ -218,8 +301,7 @@ def test_distillation_raises_tokens_per_forward():
     trajs = collect_trajectories(target, train_prompts, n, len(ANSWER), seeds=list(range(32)))
     records = [dict(prompt=p, answer=None, states=[b.states for b in t])
                for p, t in zip(train_prompts, trajs)]
-    cllm = pretrain_target()  # the same weights as the target
-    cllm.load_state_dict(target.state_dict())
+    cllm = copy.deepcopy(target)  # the CLLM starts from the target's weights
     cllm.train()
     opt = torch.optim.AdamW(cllm.parameters(), lr=3e-3)
     for step in range(60):
@@ -242,36 +324,70 @@ def cllm_args(data, target, out_dir, **overrides):
     args = dict(dataset=data, target_dir=target, out_dir=out_dir, n=4, num_prompts=12,
                 traj_max_new_tokens=16, collect_batch=5, batch_size=4, max_iters=4,
                 eval_interval=2, val_prompts=2, max_new_tokens=16, test_prompts=2,
-                log_interval=1, warmup_iters=1, repeat_limit=1000, guard_patience=0)
+                log_interval=1, warmup_iters=1, repeat_limit=1000, guard_patience=0,
+                force=True)  # (the tiny target has learned nothing: the check would refuse it)
     args.update(overrides)
     return [f"--{k}={v}" for k, v in args.items()]
 
 
 def test_pipeline_reuses_and_refuses_trajectories_and_resumes(tiny_target, tmp_path, capsys):
+    """The whole script: collection, distillation, the table. A run stopped at 4 steps and
+    resumed to 6 reuses its trajectories and ends with the weights and curve of a straight run
+    to 6; a fresh start in its folder and a resume with other trajectory settings are refused."""
     data, target = tiny_target
     out = str(tmp_path / "cllm")
-    results = train_cllm.main(cllm_args(data, target, out))
+    results = train_cllm.main(cllm_args(data, target, out, lr_decay_iters=6))
     log = capsys.readouterr().out
     assert "collect: batches 3/3" in log and "iter 4: loss" in log and "| CLLM |" in log
     assert results["CLLM"]["Jacobi n=4"]["exact"] == "2/2" == results["target"]["Jacobi n=4"]["exact"]
     assert "quality_within_tolerance" in results["CLLM"]["AR"]
-    train_cllm.main(cllm_args(data, target, out, init_from="resume", max_iters=6))
+    straight = str(tmp_path / "straight")  # (the same trajectories: no second collection)
+    os.makedirs(straight)
+    shutil.copy(os.path.join(out, "trajectories.pt"), straight)
+    train_cllm.main(cllm_args(data, target, out, init_from="resume", max_iters=6, lr_decay_iters=6,
+                              test_prompts=0))
     log = capsys.readouterr().out
     assert "reusing" in log and "iter 6: loss" in log and "iter 4: loss" not in log
     with pytest.raises(ValueError, match="already holds a run.*--init_from=resume"):
         train_cllm.main(cllm_args(data, target, out))  # a fresh start would overwrite the run
     with pytest.raises(ValueError, match="does not match this run.*'n': \\(4, 8\\)"):
         train_cllm.main(cllm_args(data, target, out, n=8, init_from="resume"))
-    straight = str(tmp_path / "straight")
-    train_cllm.main(cllm_args(data, target, straight, max_iters=6, lr_decay_iters=6))
-    split = str(tmp_path / "split")
-    train_cllm.main(cllm_args(data, target, split, max_iters=4, lr_decay_iters=6))
-    train_cllm.main(cllm_args(data, target, split, max_iters=6, lr_decay_iters=6, init_from="resume"))
+    train_cllm.main(cllm_args(data, target, straight, max_iters=6, lr_decay_iters=6, test_prompts=0))
     a = torch.load(f"{straight}/last.pt", weights_only=False)
-    b = torch.load(f"{split}/last.pt", weights_only=False)
+    b = torch.load(f"{out}/last.pt", weights_only=False)
     assert a["iter_num"] == b["iter_num"] == 6
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert [c["tokens_per_forward"] for c in a["curve"]] == [c["tokens_per_forward"] for c in b["curve"]]
+
+
+def test_two_micro_steps_are_one_step_on_the_whole_batch(tiny_target, tmp_path, monkeypatch):
+    """grad_accum=2 packs the batch in two halves, each loss weighted by its share of the batch's
+    positions: the gradient of the step, and the weights after it, are those of one step on the
+    whole batch, up to float32 rounding (the same terms added in another grouping: a relative
+    ~1e-7 of the gradient; we allow 1e-5 of each tensor's largest entry). AdamW's first update
+    moves a weight by about lr: a step that differs, by a wrongly weighted half or a gradient
+    scaled by 2 (which AdamW hides: it divides by the gradient's RMS), fails at once."""
+    data, target = tiny_target
+    grads, step = [], train_cllm.optimizer_step
+
+    def recording(model, optimizer, grad_clip):
+        grads.append([p.grad.clone() for p in model.parameters()])
+        step(model, optimizer, grad_clip)
+    monkeypatch.setattr(train_cllm, "optimizer_step", recording)
+    for accum in (1, 2):
+        out = tmp_path / f"accum{accum}"
+        if accum == 2:  # the same trajectories
+            os.makedirs(out)
+            shutil.copy(tmp_path / "accum1" / "trajectories.pt", out)
+        train_cllm.main(cllm_args(data, target, str(out), max_iters=1, grad_accum=accum,
+                                  val_prompts=1, test_prompts=0))
+    assert len(grads) == 2
+    for whole, halves in zip(*grads):
+        torch.testing.assert_close(halves, whole, rtol=0, atol=1e-5 * whole.abs().max().item())
+    a = torch.load(tmp_path / "accum1" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "accum2" / "last.pt", weights_only=False)["model"]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)  # 1% of the update, lr 1e-3
 
 
 def test_bad_settings(tiny_target, tmp_path):
@@ -360,11 +476,13 @@ def test_verdict_of_a_faster_but_worse_model():
 def test_a_collapsing_run_says_so_instead_of_reporting_a_speedup(tiny_target, tmp_path, capsys):
     """An absurd learning rate wrecks the model at once: the guard stops the run long before its
     end (the answer loss of a wrecked model jumps about; it only has to stop falling for two
-    evaluations), and the table is made with the last acceptable model, the target itself."""
+    evaluations), and the table is made with the last acceptable model, the target itself.
+    Resumed with the same settings, it trains no further (the guard, run on the saved curve,
+    stops it at once), and ckpt.pt stays the target."""
     data, target = tiny_target
-    results = train_cllm.main(cllm_args(data, target, str(tmp_path / "cllm"), learning_rate=3.0,
-                                        min_lr=3.0, max_iters=60, eval_interval=2, guard_patience=2,
-                                        val_prompts=4))
+    args = lambda **kw: cllm_args(data, target, str(tmp_path / "cllm"), learning_rate=3.0, min_lr=3.0,
+                                  max_iters=60, eval_interval=2, guard_patience=2, val_prompts=4, **kw)
+    results = train_cllm.main(args())
     log = capsys.readouterr().out
     assert "stopped at iteration" in log and "not recovering" in log
     assert "no distilled model beat the target within the tolerance" in log
@@ -372,3 +490,14 @@ def test_a_collapsing_run_says_so_instead_of_reporting_a_speedup(tiny_target, tm
     assert results["CLLM"]["AR"]["answer_loss"] == results["target"]["AR"]["answer_loss"]
     saved = json.loads((tmp_path / "cllm" / "results.json").read_text())
     assert saved["verdict"] and all(line in log for line in saved["verdict"])  # the printed verdict
+    kept = torch.load(tmp_path / "cllm" / "ckpt.pt", weights_only=False)
+    stopped_at = torch.load(tmp_path / "cllm" / "last.pt", weights_only=False)["curve"]
+    train_cllm.main(args(init_from="resume", test_prompts=0))
+    log = capsys.readouterr().out
+    assert "was stopped by the guard: stopped at iteration" in log and "no distilled model beat" in log
+    assert not re.search(r"^iter \d+: loss", log, re.M)  # not one more step of the wrecked model
+    curve = torch.load(tmp_path / "cllm" / "last.pt", weights_only=False)["curve"]
+    assert curve == stopped_at  # the evaluations before the stop, kept, none added
+    again = torch.load(tmp_path / "cllm" / "ckpt.pt", weights_only=False)
+    assert again["iter_num"] == kept["iter_num"] == 0
+    assert all(torch.equal(again["model"][k], kept["model"][k]) for k in kept["model"])

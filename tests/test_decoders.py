@@ -1,10 +1,11 @@
 # Tests of extras/decoders.py: prompt lookup and the sliding window are exactly greedy decoding.
-# Run: python -m pytest -q tests/test_decoders.py
+# Run: python -m pytest -q tests/test_decoders.py   (on a GPU too: add --device=cuda; every input
+# is built with conftest's helpers, on DEVICE)
 import itertools
 
 import pytest
 
-from conftest import make_model, random_prompt
+from conftest import committed_per_pass, make_model, random_prompt, recorded_forwards, tensor
 from extras.decoders import lookup_draft, prompt_lookup_decode, sliding_window_jacobi_decode
 from jacobi import greedy_decode
 
@@ -18,12 +19,15 @@ def models():
 
 
 def check(model, prompt, max_new_tokens, eos_id=None, **decoders):
-    """Every decoder's output equals greedy_decode's; the statistics add up."""
+    """Every decoder's output equals greedy_decode's; its statistics equal what the model was
+    called with (counted outside the decoder, as in test_jacobi.assert_all_agree)."""
     greedy = greedy_decode(model, prompt, max_new_tokens, eos_id)
     for name, decode in decoders.items():
-        tokens, stats = decode(model, prompt, max_new_tokens, eos_id=eos_id)
+        with recorded_forwards(model) as passes:
+            tokens, stats = decode(model, prompt, max_new_tokens, eos_id=eos_id)
         assert tokens.tolist() == greedy.tolist(), name
-        assert stats.tokens == len(tokens) and stats.forwards == len(stats.accepted)
+        assert stats.tokens == len(greedy) and stats.forwards == len(passes), name
+        assert stats.accepted == committed_per_pass(passes, len(prompt), len(greedy)), name
         assert all(a >= 1 for a in stats.accepted)
     return greedy
 
@@ -73,3 +77,16 @@ def test_lookup_drafts_are_used_on_repetitive_text(models):
     model = models["repetitive"]
     _, stats = prompt_lookup_decode(model, random_prompt(8, seed=1, vocab_size=6), 50)
     assert max(stats.accepted) > 1  # some drafted tokens were right and committed at once
+
+
+def test_the_sliding_window_commits_past_its_first_block():
+    """On a model whose output ignores its context (test_jacobi.constant_model: always 3) the
+    first pass gets one token right from guesses drawn from a prompt without a 3, and makes the
+    whole window 3s; the second pass confirms the window and commits all of it, 7 tokens, more
+    than a block of n = 4 holds: only a window of blocks * n tokens can."""
+    from test_jacobi import constant_model
+    model, n = constant_model(), 4
+    prompt = tensor([1, 2, 4, 5])
+    tokens, stats = sliding_window_jacobi_decode(model, prompt, 8, n=n, blocks=2)
+    assert tokens.tolist() == [3] * 8
+    assert stats.accepted == [1, 7] and max(stats.accepted) > n

@@ -42,6 +42,26 @@ def losses(log):
     return [float(x) for x in re.findall(r"^iter \d+: loss ([\d.]+)", log, re.M)]
 
 
+def assert_same_weights(path_one, path_two, steps, lr):
+    """The weights of two checkpoints agree after `steps` AdamW updates at a learning rate of at
+    most lr, up to float32 rounding.
+
+    The tolerance, derived. One process takes the mean loss over the whole batch; 2 processes x 2
+    micro-steps add up four partial means (weighted by their shares). The same numbers in another
+    order: float32 rounds each addition by up to 6e-8 of its size, so a gradient entry differs by
+    ~1e-7 of the terms it adds. AdamW divides each entry by its running RMS: an update moves a
+    weight by about lr, and it differs by that same tiny fraction, except for the rare entry
+    whose terms nearly cancel, where rounding can flip the sign; the next updates average that
+    out. So the weights differ by a small fraction of steps * lr: we allow 1% of it (measured
+    here: 1e-4 to 2e-4 of it). A wrong weighting of the partial means, or gradients not averaged
+    over the processes, moves weights by whole updates, ~steps * lr: 100 times the tolerance."""
+    a = torch.load(path_one, weights_only=False)
+    b = torch.load(path_two, weights_only=False)
+    assert a["iter_num"] == b["iter_num"] == steps
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0, atol=0.01 * steps * lr)
+
+
 def tiny_train_args(data, out_dir):
     return [f"--dataset={data}", f"--out_dir={out_dir}", "--n_layer=1", "--n_head=2", "--n_embd=32",
             "--block_size=64", "--batch_size=8", "--max_iters=12", "--eval_interval=6", "--eval_iters=1",
@@ -50,36 +70,35 @@ def tiny_train_args(data, out_dir):
 
 
 def test_train_on_two_processes_matches_one(tiny_target, tmp_path, capsys):
-    """The same global batch on 1 and on 2 processes: the same losses, up to float rounding (the
-    batch mean is taken as a mean of per-process means, a different order of additions), and one
-    checkpoint, written by rank 0, that loads in a single process."""
+    """The same global batch on 1 process and on 2 processes x 2 micro-steps: the same losses and,
+    after 12 updates, the same weights, up to float rounding; one checkpoint, written by rank 0,
+    that loads in a single process."""
     data, _ = tiny_target
     train.main(tiny_train_args(data, tmp_path / "one"))
     one = losses(capsys.readouterr().out)
-    two = losses(torchrun("train.py", tiny_train_args(data, tmp_path / "two")))
+    two = losses(torchrun("train.py", tiny_train_args(data, tmp_path / "two") + ["--grad_accum=2"]))
     assert len(one) == len(two) == 12
     assert one[-1] < one[0] and two[-1] < two[0]  # it learns
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-5)
     model, ckpt = load_checkpoint(str(tmp_path / "two" / "ckpt.pt"))
     assert not any(k.startswith("module.") for k in ckpt["model"])  # the plain module's weights
     assert sorted(os.listdir(tmp_path / "two")) == ["ckpt.pt", "last.pt"]
-    a = torch.load(tmp_path / "one" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "two" / "last.pt", weights_only=False)["model"]
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    assert_same_weights(tmp_path / "one" / "last.pt", tmp_path / "two" / "last.pt", 12, 3e-3)
 
 
 def test_distillation_on_two_processes_matches_one(tiny_target, tmp_path, capsys):
-    """Trajectories collected by 2 processes are the file 1 process writes; the distillation
-    losses agree; resume works under torchrun."""
+    """Trajectories collected by 2 processes are the file 1 process writes; on 2 processes x 2
+    micro-steps the distillation losses and, after 4 updates, the weights agree with 1 process's;
+    resume works under torchrun."""
     data, target = tiny_target
     args = lambda out, **kw: cllm_args(data, target, out, collect_batch=3, **kw)
     train_cllm.main(args(str(tmp_path / "one")))
     one = losses(capsys.readouterr().out)
-    log = torchrun("train_cllm.py", args(str(tmp_path / "two")))
+    log = torchrun("train_cllm.py", args(str(tmp_path / "two"), grad_accum=2))
     two = losses(log)
     assert "| CLLM |" in log and len(one) == len(two) == 4
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-5)
+    assert_same_weights(tmp_path / "one" / "last.pt", tmp_path / "two" / "last.pt", 4, 1e-3)
     a = torch.load(tmp_path / "one" / "trajectories.pt", weights_only=False)
     b = torch.load(tmp_path / "two" / "trajectories.pt", weights_only=False)
     assert a["meta"] == b["meta"] and len(a["prompts"]) == len(b["prompts"]) == 12

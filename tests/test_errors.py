@@ -2,8 +2,10 @@
 # is lost when a run is killed; progress shows at once also through a pipe.
 # Run: python -m pytest -q tests/test_errors.py
 import os
+import queue
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -100,9 +102,11 @@ def test_unreadable_trajectory_file(tiny_target, tmp_path):
 
 def test_a_killed_collection_goes_on_where_it_stopped(tiny_target, tmp_path, monkeypatch, capsys):
     """Kill the collection after two batches: the rerun collects only the rest, and the file is
-    the one an uninterrupted run writes."""
+    the one an uninterrupted run writes. (No training and no held-out table: only the
+    trajectories are tested.)"""
     data, target = tiny_target
-    train_cllm.main(cllm_args(data, target, str(tmp_path / "whole"), max_iters=0))
+    args = lambda out: cllm_args(data, target, out, max_iters=0, val_prompts=1, test_prompts=0)
+    train_cllm.main(args(str(tmp_path / "whole")))
     calls, collect_batch = [], trajectories.collect_batch
 
     def killed_after_two(*args):
@@ -114,11 +118,11 @@ def test_a_killed_collection_goes_on_where_it_stopped(tiny_target, tmp_path, mon
     monkeypatch.setattr(trajectories, "SAVE_EVERY", 0.0)
     out = str(tmp_path / "killed")
     with pytest.raises(KeyboardInterrupt):
-        train_cllm.main(cllm_args(data, target, out, max_iters=0))
+        train_cllm.main(args(out))
     assert os.path.isfile(os.path.join(out, "trajectories.partial0.pt"))
     monkeypatch.setattr(trajectories, "collect_batch", collect_batch)
     capsys.readouterr()
-    train_cllm.main(cllm_args(data, target, out, max_iters=0))
+    train_cllm.main(args(out))
     assert "2 batches already done before" in capsys.readouterr().out
     assert not os.path.exists(os.path.join(out, "trajectories.partial0.pt"))
     a = torch.load(tmp_path / "whole" / "trajectories.pt", weights_only=False)
@@ -129,17 +133,68 @@ def test_a_killed_collection_goes_on_where_it_stopped(tiny_target, tmp_path, mon
         assert all(torch.equal(s, t) for s, t in zip(p["states"], q["states"]))
 
 
+HOLD_AFTER_FIRST_STEP = """
+import sys
+import common, train
+step = train.optimizer_step
+calls = []
+def held(*args):  # the second step waits for a line on stdin: the test holds the process here
+    calls.append(1)
+    if len(calls) == 2:
+        sys.stdin.readline()
+    step(*args)
+train.optimizer_step = held
+sys.argv = ["train.py", *sys.argv[1:]]
+common.run(train.main)
+"""
+
+
+def read_lines(stream):
+    """A queue that receives the lines of stream as they arrive (a thread reads them), so that
+    the test can wait for a line with a timeout instead of hanging on a stalled child."""
+    lines = queue.Queue()
+
+    def pump():
+        for line in stream:
+            lines.put(line)
+        lines.put(None)  # end of output
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
 def test_progress_shows_at_once_through_a_pipe(tiny_target, tmp_path):
-    """train.py with its output to a pipe: the first lines arrive while it is still training."""
+    """train.py (through common.run) with its output to a pipe, held by the test in its second
+    step: the line of the first step arrives while the process waits, which it can only do if
+    the output is line-buffered. All it prints is a few hundred bytes, far below the 8 KB a
+    block buffer holds, so a buffered run shows nothing until it ends: the wait times out."""
     data, _ = tiny_target
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--dataset={data}",
+    cmd = [sys.executable, "-c", HOLD_AFTER_FIRST_STEP, f"--dataset={data}",
            f"--out_dir={tmp_path / 'out'}", "--n_layer=1", "--n_head=2", "--n_embd=32",
-           "--max_iters=100000", "--max_epochs=0", "--log_interval=1", "--eval_interval=100000"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+           "--block_size=32", "--batch_size=4", "--max_iters=3", "--log_interval=1", "--eval_interval=1000", "--eval_iters=1", "--val_prompts=0",
+           "--test_prompts=0"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered by default
+    stderr = open(tmp_path / "stderr", "w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=stderr, text=True)
     try:
-        first = [proc.stdout.readline() for _ in range(5)]
-        assert proc.poll() is None  # still running: the lines were not held back until the end
-        assert any(line.startswith("iter 1: loss") for line in first), first
+        lines, seen = read_lines(proc.stdout), []
+        while not (seen and seen[-1].startswith("iter 1: loss")):
+            try:
+                line = lines.get(timeout=60)
+            except queue.Empty:
+                pytest.fail(f"no progress line within 60 s while the process runs; so far: {seen}")
+            assert line is not None, f"the process ended early: {seen} {open(tmp_path / 'stderr').read()}"
+            seen.append(line)
+        assert proc.poll() is None  # still held in step 2: the line came while it was running
+        proc.stdin.write("go on\n")
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0, open(tmp_path / "stderr").read()
+        rest = []
+        while (line := lines.get(timeout=60)) is not None:
+            rest.append(line)
+        assert any(line.startswith("iter 3: loss") for line in rest), rest
+        assert len("".join(seen + rest).encode()) < 2000  # far below a block buffer's 8 KB
     finally:
         proc.kill()
         proc.wait()
+        stderr.close()

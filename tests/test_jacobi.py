@@ -1,12 +1,14 @@
 # Tests of jacobi.py: Jacobi decoding is exactly greedy decoding, with honest statistics.
-# Run: python -m pytest -q tests/test_jacobi.py
+# Run: python -m pytest -q tests/test_jacobi.py   (on a GPU too: add --device=cuda; every input is
+# built with conftest's helpers, on DEVICE)
 import itertools
 
 import pytest
 import torch
 
-from conftest import DEVICE, make_model, random_prompt
-from jacobi import (greedy_decode, initial_guess, jacobi_decode, jacobi_decode_reference,
+from conftest import (DEVICE, committed_per_pass, make_model, passes_per_block, random_prompt,
+                      recorded_forwards, tensor)
+from jacobi import (greedy_decode, initial_guess, jacobi_decode, jacobi_decode_reference, seeded,
                     stationary_tokens)
 
 BLOCK_SIZES = [1, 2, 3, 7, 16, 33]
@@ -14,9 +16,11 @@ BLOCK_SIZES = [1, 2, 3, 7, 16, 33]
 
 
 def assert_all_agree(model, prompt, max_new_tokens, n, eos_id=None, seed=0, guess="prefix"):
-    """greedy == Jacobi (cached) == Jacobi (reference), tokens and trajectories; stats add up."""
+    """greedy == Jacobi (cached) == Jacobi (reference), tokens and trajectories; the statistics
+    equal what the model was called with."""
     greedy = greedy_decode(model, prompt, max_new_tokens, eos_id)
-    tokens, stats = jacobi_decode(model, prompt, max_new_tokens, n, eos_id, guess, seed)
+    with recorded_forwards(model) as passes:  # counted outside the decoder
+        tokens, stats = jacobi_decode(model, prompt, max_new_tokens, n, eos_id, guess, seed)
     ref_tokens, ref_trajectory = jacobi_decode_reference(model, prompt, max_new_tokens, n, eos_id,
                                                          guess, seed)
     assert tokens.tolist() == greedy.tolist()
@@ -25,12 +29,15 @@ def assert_all_agree(model, prompt, max_new_tokens, n, eos_id=None, seed=0, gues
     for block, ref in zip(stats.trajectory, ref_trajectory):
         assert torch.equal(block.prefix, ref.prefix)
         assert torch.equal(block.states, ref.states)  # same states y^(0) .. y*, in order
-    # the statistics add up
-    assert stats.tokens == len(tokens) == sum(stats.accepted)
-    assert stats.forwards == sum(stats.iterations) == len(stats.accepted)
+    # the statistics, against counts that do not come from them: greedy's output, the forward
+    # passes the model saw, and what each pass committed, read off where the next one starts
+    assert stats.tokens == len(greedy)
+    assert stats.forwards == len(passes)
+    assert stats.accepted == committed_per_pass(passes, len(prompt), len(greedy))
+    assert stats.iterations == passes_per_block(passes)
+    assert stats.fast_forwarded == len(greedy) - len(passes)
     assert all(a >= 1 for a in stats.accepted)
     assert all(it <= n for it in stats.iterations)  # a block converges in at most n passes
-    assert stats.fast_forwarded == stats.tokens - stats.forwards
     # the fixed points, block after block, are the output; each prefix is everything before it
     if tokens.numel():
         assert torch.equal(torch.cat([b.fixed_point for b in stats.trajectory]), tokens)
@@ -106,8 +113,8 @@ def test_seeded_guesses_are_reproducible(models):
 
 
 def test_initial_guess_draws_from_the_prefix():
-    prefix = torch.tensor([7, 8, 9])
-    guess = initial_guess(prefix, 50, "prefix", torch.Generator().manual_seed(0))
+    prefix = tensor([7, 8, 9])
+    guess = initial_guess(prefix, 50, "prefix", seeded(0, DEVICE))
     assert set(guess.tolist()) == {7, 8, 9}
     assert initial_guess(prefix, 4, "repeat", None).tolist() == [9, 9, 9, 9]
 
@@ -127,16 +134,20 @@ def test_fast_forward_when_the_model_ignores_its_context():
     second pass commits it at once. Later blocks draw their guesses from a prefix full of 3s and
     are often right at once: at least n/2 tokens per forward."""
     model = constant_model()
-    prompt = torch.tensor([1, 2, 4, 5], device=DEVICE)  # no 3 in it: the guesses are all wrong
+    prompt = tensor([1, 2, 4, 5])  # no 3 in it: the guesses are all wrong
     greedy, stats = assert_all_agree(model, prompt, 32, n=8)
     assert greedy.tolist() == [3] * 32
     assert stats.iterations[0] == 2 and stats.accepted[:2] == [1, 7]
     assert all(it <= 2 for it in stats.iterations)
     assert stats.tokens_per_forward >= 4.0
+    # one block, counted by hand: 8 tokens in 2 passes (1, then 7), 6 of them fast-forwarded
+    _, one = jacobi_decode(model, prompt, 8, n=8)
+    assert (one.tokens, one.forwards, one.accepted, one.iterations, one.fast_forwarded) == \
+        (8, 2, [1, 7], [2], 6)
 
 
 def test_stationary_tokens_on_hand_made_states():
-    states = torch.tensor([
+    states = tensor([
         [9, 2, 9, 4],   # y^(0): tokens 1 and 3 are already right while token 0 is wrong
         [1, 2, 7, 4],   # token 3 right while token 2 is wrong; token 1 now joins the right prefix
         [1, 2, 3, 4],   # y*
@@ -144,9 +155,9 @@ def test_stationary_tokens_on_hand_made_states():
     assert stationary_tokens(states).tolist() == [[False, True, False, True],
                                                   [False, False, False, True],
                                                   [False, False, False, False]]
-    states = torch.tensor([[5, 5, 5], [1, 5, 5], [1, 2, 5], [1, 2, 3]])  # one at a time
+    states = tensor([[5, 5, 5], [1, 5, 5], [1, 2, 5], [1, 2, 3]])  # one at a time
     assert not stationary_tokens(states).any()
-    states = torch.tensor([[1, 8, 3], [1, 2, 0], [1, 2, 3]])  # token 2 right, then wrong again
+    states = tensor([[1, 8, 3], [1, 2, 0], [1, 2, 3]])  # token 2 right, then wrong again
     assert not stationary_tokens(states).any()
 
 
@@ -179,6 +190,7 @@ def test_stationary_count_of_a_decode(models, seed):
 ])
 def test_bad_input_gives_clear_errors(models, bad, match):
     args = dict(idx=torch.tensor([1, 2, 3]), max_new_tokens=5, n=4, guess="prefix") | bad
+    args["idx"] = args["idx"].to(DEVICE)  # (else "the prompt is on cpu" comes first on a GPU)
     with pytest.raises(ValueError, match=match):
         jacobi_decode(models[1.0], **args)
     if set(bad) <= {"idx", "max_new_tokens"}:

@@ -1,18 +1,19 @@
 # Tests of model.py: the KV cache, packed rows, the loss, GPT-2 loading.
-# Run: python -m pytest -q tests/test_model.py
+# Run: python -m pytest -q tests/test_model.py   (on a GPU too: add --device=cuda; every input is
+# built with conftest's helpers, on DEVICE, and the tiny model lives there)
 import json
 
 import pytest
 import torch
 
-from conftest import make_model
+from conftest import DEVICE, make_model, random_tokens, tensor
 from extras.gpt2 import load_gpt2
 
 ATOL = 1e-5
 
 
 def test_cached_prefill_then_steps_equal_uncached(tiny):
-    idx = torch.randint(50, (1, 30), generator=torch.Generator().manual_seed(1))
+    idx = random_tokens((1, 30), torch.Generator().manual_seed(1))
     full, _ = tiny(idx)  # (1, 30, V) plain causal forward
     cache = tiny.make_cache()
     logits, _ = tiny(idx[:, :12], input_pos=range(12), cache=cache)  # prefill
@@ -27,12 +28,12 @@ def test_block_at_offset_rerun_over_scratch_slots(tiny):
     """A block re-run at the same positions with other guesses: scratch slots get overwritten and
     the committed prefix is unaffected, so every run equals the uncached forward of its sequence."""
     g = torch.Generator().manual_seed(2)
-    prefix = torch.randint(50, (1, 20), generator=g)
+    prefix = random_tokens((1, 20), g)
     cache = tiny.make_cache()
     tiny(prefix, input_pos=range(20), cache=cache)
     committed_k = cache.k[0][:, :, :20].clone()
     for _ in range(4):
-        block = torch.randint(50, (1, 7), generator=g)
+        block = random_tokens((1, 7), g)
         logits, _ = tiny(block, input_pos=range(20, 27), cache=cache)
         full, _ = tiny(torch.cat([prefix, block], dim=1))
         torch.testing.assert_close(logits, full[:, 20:], atol=ATOL, rtol=0)
@@ -42,20 +43,20 @@ def test_block_at_offset_rerun_over_scratch_slots(tiny):
 def test_shorter_block_ignores_stale_slots_after_it(tiny):
     """After a 7-token block, a 3-token block at the same offset must not see slots 23..26."""
     g = torch.Generator().manual_seed(3)
-    seq = torch.randint(50, (1, 27), generator=g)
+    seq = random_tokens((1, 27), g)
     cache = tiny.make_cache()
     tiny(seq, input_pos=range(27), cache=cache)
-    short = torch.randint(50, (1, 3), generator=g)
+    short = random_tokens((1, 3), g)
     logits, _ = tiny(short, input_pos=range(20, 23), cache=cache)
     full, _ = tiny(torch.cat([seq[:, :20], short], dim=1))
     torch.testing.assert_close(logits, full[:, 20:], atol=ATOL, rtol=0)
 
 
 def test_explicit_positions_and_causal_mask_equal_plain_forward(tiny):
-    idx = torch.randint(50, (2, 16), generator=torch.Generator().manual_seed(4))
+    idx = random_tokens((2, 16), torch.Generator().manual_seed(4))
     plain, _ = tiny(idx)
-    causal = torch.ones(16, 16, dtype=torch.bool).tril()
-    masked, _ = tiny(idx, input_pos=torch.arange(16), attn_mask=causal)
+    causal = torch.ones(16, 16, dtype=torch.bool, device=DEVICE).tril()
+    masked, _ = tiny(idx, input_pos=torch.arange(16, device=DEVICE), attn_mask=causal)
     torch.testing.assert_close(masked, plain, atol=ATOL, rtol=0)
 
 
@@ -63,14 +64,14 @@ def test_packed_row_with_shared_prefix_equals_separate_forwards(tiny):
     """Row [prefix, a, b] where a and b both continue the prefix (same positions): one forward
     with a mask gives the logits of the two separate sequences."""
     g = torch.Generator().manual_seed(5)
-    prefix, a, b = (torch.randint(50, (k,), generator=g) for k in (10, 5, 5))
+    prefix, a, b = (random_tokens((k,), g) for k in (10, 5, 5))
     row = torch.cat([prefix, a, b])[None]
-    pos = torch.cat([torch.arange(15), torch.arange(10, 15)])
+    pos = torch.cat([torch.arange(15), torch.arange(10, 15)]).to(DEVICE)
     mask = torch.zeros(20, 20, dtype=torch.bool)
     mask[:15, :15] = torch.ones(15, 15, dtype=torch.bool).tril()  # prefix + a, causal
     mask[15:, :10] = True                                          # b sees the prefix ...
     mask[15:, 15:] = torch.ones(5, 5, dtype=torch.bool).tril()     # ... and itself, not a
-    packed, _ = tiny(row, input_pos=pos, attn_mask=mask[None])
+    packed, _ = tiny(row, input_pos=pos, attn_mask=mask[None].to(DEVICE))
     sep_a, _ = tiny(torch.cat([prefix, a])[None])
     sep_b, _ = tiny(torch.cat([prefix, b])[None])
     torch.testing.assert_close(packed[:, :15], sep_a, atol=ATOL, rtol=0)
@@ -78,7 +79,7 @@ def test_packed_row_with_shared_prefix_equals_separate_forwards(tiny):
 
 
 def test_loss_ignores_padding_targets(tiny):
-    idx = torch.randint(50, (1, 8), generator=torch.Generator().manual_seed(6))
+    idx = random_tokens((1, 8), torch.Generator().manual_seed(6))
     targets = idx.roll(-1, dims=1)
     targets[0, 5:] = -1
     logits, loss = tiny(idx, targets)
@@ -88,23 +89,70 @@ def test_loss_ignores_padding_targets(tiny):
 
 def test_cache_without_positions_is_refused(tiny):
     with pytest.raises(AssertionError, match="input_pos"):
-        tiny(torch.zeros(1, 3, dtype=torch.long), cache=tiny.make_cache())
+        tiny(torch.zeros(1, 3, dtype=torch.long, device=DEVICE), cache=tiny.make_cache())
+
+
+def test_cache_with_a_position_per_row(tiny):
+    """Rows of different lengths in one cache: right-padded prefill, then a block per row at
+    that row's own offset; each row equals its own uncached forward."""
+    g = torch.Generator().manual_seed(10)
+    lengths = [5, 12, 9]
+    prompts = [random_tokens((L,), g) for L in lengths]
+    padded = torch.stack([torch.cat([p, p.new_zeros(12 - len(p))]) for p in prompts])
+    cache = tiny.make_cache(batch_size=3)
+    tiny(padded, input_pos=range(12), cache=cache)
+    blocks = random_tokens((3, 4), g)
+    pos = torch.stack([torch.arange(L, L + 4) for L in lengths]).to(DEVICE)  # (B, T)
+    logits, _ = tiny(blocks, input_pos=pos, cache=cache)
+    for r in range(3):
+        full, _ = tiny(torch.cat([prompts[r], blocks[r]])[None])
+        torch.testing.assert_close(logits[r], full[0, lengths[r]:], atol=ATOL, rtol=0)
+    before = [k.clone() for k in cache.k]
+    cache.keep_rows(tensor([2, 0]))
+    for layer, k in enumerate(cache.k):
+        assert torch.equal(k, before[layer][[2, 0]])
 
 
 # ----------------------------------------------------------------------------------------------
-# extras/gpt2.load_gpt2: a checkpoint in the Hugging Face GPT-2 layout, written here by hand
+# extras/gpt2.load_gpt2: checkpoints in the Hugging Face GPT-2 layout, written here by hand
+#
+# GPT-2's linear layers are Conv1D: y = x @ W + b with W stored (in, out), where nn.Linear stores
+# (out, in). The shapes Hugging Face documents (GPT2Attention, GPT2MLP), for width C:
+#     attn.c_attn (C, 3C)    attn.c_proj (C, C)    mlp.c_fc (C, 4C)    mlp.c_proj (4C, C)
+# attn.c_proj is square, so its shape cannot tell a loader that forgot to transpose it: the tests
+# below check what the loaded layers compute, not only their shapes.
 
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+def gpt2_shapes(config):
+    """Every tensor of a GPT-2 checkpoint and its shape, as Hugging Face documents them."""
+    C = config.n_embd
+    shapes = {"wte.weight": (config.vocab_size, C), "wpe.weight": (config.block_size, C),
+              "ln_f.weight": (C,), "ln_f.bias": (C,)}
+    for i in range(config.n_layer):
+        for name, shape in [("ln_1.weight", (C,)), ("ln_1.bias", (C,)), ("ln_2.weight", (C,)),
+                            ("ln_2.bias", (C,)), ("attn.c_attn.weight", (C, 3 * C)),
+                            ("attn.c_attn.bias", (3 * C,)), ("attn.c_proj.weight", (C, C)),
+                            ("attn.c_proj.bias", (C,)), ("mlp.c_fc.weight", (C, 4 * C)),
+                            ("mlp.c_fc.bias", (4 * C,)), ("mlp.c_proj.weight", (4 * C, C)),
+                            ("mlp.c_proj.bias", (C,))]:
+            shapes[f"h.{i}.{name}"] = shape
+    return shapes
+
+
+CONV1D_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # GPT-2's, documented
 
 
 def hf_state_dict(model, prefix="transformer."):
-    """Our weights under Hugging Face GPT-2 names and layout (Conv1D weights are (in, out))."""
-    sd = {}
-    for k, v in model.state_dict().items():
-        if k == "lm_head.weight":
-            continue
-        k = k.removeprefix("transformer.")
-        sd[prefix + k] = v.t().contiguous() if k.endswith(CONV1D) else v.clone()
+    """Our weights under Hugging Face GPT-2 names and layout, on the CPU. A Conv1D weight is the
+    matrix W with x @ W == layer(x) - bias: read off our nn.Linear by applying it to the identity,
+    not from a list of names to transpose (extras/gpt2.py has one; a shared mistake would hide)."""
+    sd = {k.removeprefix("transformer."): v.detach().cpu().clone()
+          for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    for name, layer in model.transformer.named_modules():
+        if isinstance(layer, torch.nn.Linear):
+            eye = torch.eye(layer.in_features, device=layer.weight.device)
+            sd[f"{name}.weight"] = torch.nn.functional.linear(eye, layer.weight).detach().cpu()
+    assert {k: tuple(v.shape) for k, v in sd.items()} == gpt2_shapes(model.config)
+    sd = {prefix + k: v for k, v in sd.items()}
     for i in range(model.config.n_layer):  # HF keeps its causal-mask buffers in the checkpoint
         sd[f"{prefix}h.{i}.attn.bias"] = torch.ones(1, 1, 4, 4).tril()
     return sd
@@ -113,7 +161,7 @@ def hf_state_dict(model, prefix="transformer."):
 def write_safetensors(path, sd):
     header, chunks, offset = {}, [], 0
     for name, t in sd.items():
-        data = t.contiguous().numpy().tobytes()
+        data = t.detach().cpu().contiguous().numpy().tobytes()
         header[name] = {"dtype": "F32", "shape": list(t.shape),
                         "data_offsets": [offset, offset + len(data)]}
         chunks.append(data)
@@ -124,11 +172,15 @@ def write_safetensors(path, sd):
         f.write(len(raw).to_bytes(8, "little") + raw + b"".join(chunks))
 
 
+def write_hf_config(path, config):
+    (path / "config.json").write_text(json.dumps(dict(
+        model_type="gpt2", architectures=["GPT2LMHeadModel"], n_positions=config.block_size,
+        vocab_size=config.vocab_size, n_layer=config.n_layer, n_head=config.n_head,
+        n_embd=config.n_embd)))
+
+
 def write_hf_dir(path, model, fmt="safetensors", prefix="transformer."):
-    c = model.config
-    config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_positions": c.block_size,
-              "vocab_size": c.vocab_size, "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd}
-    (path / "config.json").write_text(json.dumps(config))
+    write_hf_config(path, model.config)
     sd = hf_state_dict(model, prefix)
     if fmt == "safetensors":
         write_safetensors(path / "model.safetensors", sd)
@@ -141,12 +193,36 @@ def write_hf_dir(path, model, fmt="safetensors", prefix="transformer."):
 def test_load_gpt2_round_trip(tmp_path, fmt, prefix):
     model = make_model(seed=7, n_embd=48, n_head=3)
     write_hf_dir(tmp_path, model, fmt, prefix)
-    loaded = load_gpt2(str(tmp_path)).eval()
+    loaded = load_gpt2(str(tmp_path)).to(DEVICE).eval()
     assert loaded.config == model.config
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
-    idx = torch.randint(50, (1, 12), generator=torch.Generator().manual_seed(8))
+    idx = random_tokens((1, 12), torch.Generator().manual_seed(8))
     assert torch.equal(loaded(idx)[0], model(idx)[0])
+
+
+def test_load_gpt2_layers_compute_what_gpt2s_conv1d_computes(tmp_path):
+    """A checkpoint of random weights in GPT-2's documented shapes, made without our model: every
+    loaded layer computes x @ W + b of the Conv1D it came from (a loader that forgot to transpose
+    the square attn.c_proj would load it with the right shape and compute x @ W.T + b)."""
+    model = make_model(seed=7, n_embd=48, n_head=3)  # only for its config
+    g = torch.Generator().manual_seed(11)
+    sd = {"transformer." + k: torch.randn(shape, generator=g)
+          for k, shape in gpt2_shapes(model.config).items()}
+    write_hf_config(tmp_path, model.config)
+    write_safetensors(tmp_path / "model.safetensors", sd)
+    loaded = load_gpt2(str(tmp_path)).to(DEVICE)
+    x = torch.randn(5, 4 * 48, generator=g)
+    for i, block in enumerate(loaded.transformer.h):
+        for name in CONV1D_LAYERS:
+            layer = block.get_submodule(name)
+            W, b = sd[f"transformer.h.{i}.{name}.weight"], sd[f"transformer.h.{i}.{name}.bias"]
+            inputs = x[:, :W.size(0)]
+            expected = inputs @ W + b  # GPT-2's Conv1D
+            got = layer(inputs.to(DEVICE)).cpu()
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4, msg=f"h.{i}.{name}")
+    assert torch.equal(loaded.transformer.wte.weight.cpu(), sd["transformer.wte.weight"])
+    assert torch.equal(loaded.lm_head.weight.cpu(), sd["transformer.wte.weight"])  # tied
 
 
 def test_load_gpt2_errors(tmp_path):
@@ -182,24 +258,3 @@ def test_load_gpt2_errors(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="neither model.safetensors"):
         load_gpt2(str(tmp_path))
-
-
-def test_cache_with_a_position_per_row(tiny):
-    """Rows of different lengths in one cache: right-padded prefill, then a block per row at
-    that row's own offset; each row equals its own uncached forward."""
-    g = torch.Generator().manual_seed(10)
-    lengths = [5, 12, 9]
-    prompts = [torch.randint(50, (L,), generator=g) for L in lengths]
-    padded = torch.stack([torch.cat([p, p.new_zeros(12 - len(p))]) for p in prompts])
-    cache = tiny.make_cache(batch_size=3)
-    tiny(padded, input_pos=range(12), cache=cache)
-    blocks = torch.randint(50, (3, 4), generator=g)
-    pos = torch.stack([torch.arange(L, L + 4) for L in lengths])  # (B, T)
-    logits, _ = tiny(blocks, input_pos=pos, cache=cache)
-    for r in range(3):
-        full, _ = tiny(torch.cat([prompts[r], blocks[r]])[None])
-        torch.testing.assert_close(logits[r], full[0, lengths[r]:], atol=ATOL, rtol=0)
-    before = [k.clone() for k in cache.k]
-    cache.keep_rows(torch.tensor([2, 0]))
-    for layer, k in enumerate(cache.k):
-        assert torch.equal(k, before[layer][[2, 0]])

@@ -76,21 +76,43 @@ def test_bench_trained_and_random(tiny_cllm, tmp_path, capsys):
 
 
 def test_gpu_run_script_smoke(tmp_path):
-    """scripts/gpu_run.sh --smoke: the GPU run's every step at toy sizes on the CPU, so that the
-    script cannot rot while no GPU runs it."""
+    """scripts/gpu_run.sh --smoke: the GPU run's every step, with its settings (bf16 autocast in
+    training, torch.compile of the target, the bf16 table), at toy sizes on the CPU, so that the
+    script cannot rot while no GPU runs it. Then twice more in the same folder: after a success
+    it skips every step; after a distillation that did not finish it resumes it from its last.pt
+    and makes the tables again."""
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "run"
-    done = subprocess.run(["bash", os.path.join(root, "scripts", "gpu_run.sh"), "--smoke", str(out)],
-                          cwd=root, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    log = (out / "log.txt").read_text()
-    for step in ("=== data:", "=== target:", "=== cllm:", "=== bench float32:", "=== bench bfloat16:"):
-        assert step in log
-    for f in ("cllm_results.json", "bench_float32.json", "bench_bfloat16.json"):
-        results = json.loads((out / f).read_text())["results"]
-        assert "CLLM" in results
-    assert json.loads((out / "bench_float32.json").read_text())["results"]["CLLM"]["Jacobi n=16"]["exact"] == "4/4"
+
+    def run():
+        done = subprocess.run(["bash", os.path.join(root, "scripts", "gpu_run.sh"), "--smoke", str(out)],
+                              cwd=root, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    steps = ("tests", "data", "target", "cllm", "bench_float32", "bench_bfloat16")
+    log = run()
+    for step in steps:
+        assert f"=== {step}: estimate " in log and f"=== {step}: ok, " in log, step
+    assert "--autocast=bfloat16" in log and "--compile=False" not in log  # the GPU's settings
+    assert " passed" in log and "=== tests: ok" in log  # the tests' summary
+    assert "step 20: train loss" in log  # the target's curve, as it came
+    curve = json.loads((out / "cllm_results.json").read_text())["curve"]
+    assert [c["iter"] for c in curve] == [0, 2, 4]
+    exact = {dtype: json.loads((out / f"bench_{dtype}.json").read_text())["results"]["CLLM"]
+             ["Jacobi n=16"]["exact"] for dtype in ("float32", "bfloat16")}
+    assert exact["float32"] == "4/4" and exact["bfloat16"].endswith("/4")  # (bf16: not guaranteed)
+    assert (out / "log.txt").read_text().count("=== target: ok") == 1
+
+    log = run()  # after a success: nothing to do
+    assert all(f"=== {step}: skipped" in log for step in steps) and ": estimate " not in log
+
+    (out / "done" / "cllm").unlink()  # as if the distillation had been killed after its last.pt
+    log = run()
+    assert "=== target: skipped" in log and "--init_from=resume" in log and "=== cllm: ok" in log
+    assert "=== bench_float32: ok" in log and "=== bench_bfloat16: ok" in log  # made from it again
+    assert (out / "log.txt").read_text().count("=== cllm: ok") == 2  # every attempt's lines kept
 
 
 def test_plot_curves_draws_one_line_per_run_and_measure(tmp_path):

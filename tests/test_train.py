@@ -1,4 +1,4 @@
-# Tests of train.py: a few iterations on CPU, exact resume, clear errors.
+# Tests of train.py: a few iterations on CPU, exact resume, gradient accumulation, clear errors.
 # Run: python -m pytest -q tests/test_train.py
 import os
 from functools import partial
@@ -41,6 +41,30 @@ def test_train_writes_a_checkpoint_that_resumes_exactly(dataset, tmp_path, capsy
     assert not os.path.exists(tmp_path / "split" / "ckpt.pt.tmp")
     model, ckpt = load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))
     assert not model.training and ckpt["config"]["dataset"] == dataset
+
+
+def test_two_micro_steps_are_one_step_on_the_whole_batch(dataset, tmp_path, monkeypatch):
+    """grad_accum=2 runs the batch in two halves of 4 windows, each loss divided by 2: the
+    gradient of the step, and the weights after it, are those of one step on all 8 windows, up
+    to float32 rounding (the same terms added in another grouping: a relative ~1e-7 of the
+    gradient; we allow 1e-5 of each tensor's largest entry). A gradient scaled by 2 (a missing
+    division), which AdamW's update hides (it divides by the gradient's RMS), fails here."""
+    grads, step = [], train.optimizer_step
+
+    def recording(model, optimizer, grad_clip):
+        grads.append([p.grad.clone() for p in model.parameters()])
+        step(model, optimizer, grad_clip)
+    monkeypatch.setattr(train, "optimizer_step", recording)
+    for accum in (1, 2):  # no dropout: its masks would be drawn in another order
+        train.main(tiny_args(dataset, tmp_path / f"accum{accum}", batch_size=8, grad_accum=accum,
+                             max_iters=1, dropout=0.0, val_prompts=0, test_prompts=0))
+    assert len(grads) == 2
+    for whole, halves in zip(*grads):
+        torch.testing.assert_close(halves, whole, rtol=0, atol=1e-5 * whole.abs().max().item())
+    a = torch.load(tmp_path / "accum1" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "accum2" / "last.pt", weights_only=False)["model"]
+    for k in a:  # the first update moves a weight by about lr = 3e-3 / 2 (warm-up): 1% of it
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1.5e-5)
 
 
 def test_lr_schedule():
