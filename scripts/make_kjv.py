@@ -1,5 +1,5 @@
 """
-A public-domain free-text data set for the own-data runs of docs/own-data.md: the King James Bible, as
+A public-domain free-text data set for the runs of docs/own-data.md: the King James Bible, as
 paragraphs of two verses, the first the prompt and the second the answer (the plain-text format
 of data/custom/prepare.py). The text comes from Debian's bible-kjv package.
 

@@ -1,5 +1,5 @@
 """
-A self-made text-to-SQL data set for the own-data runs of docs/own-data.md: each prompt is a database
+A self-made text-to-SQL data set for the runs of docs/own-data.md: each prompt is a database
 schema and a question, each answer the SQL query. Long prompts (the schema) and short, templated
 answers that copy names from the prompt, like the text-to-SQL sets users bring.
 
