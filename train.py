@@ -157,7 +157,8 @@ def main(argv):
     say = print if world.master else lambda *a, **k: None
     per_process = ddp.per_process_batch(cfg.batch_size, cfg.grad_accum, world)  # ddp
     refuse_to_overwrite(cfg.out_dir, cfg.init_from)
-    meta, enc = (ensure_prepared if world.size == 1 else load_meta)(cfg.dataset), load_encoding(cfg.dataset)
+    meta = ensure_prepared(cfg.dataset) if world.size == 1 else load_meta(cfg.dataset)  # ddp: no race
+    enc = load_encoding(cfg.dataset)
     block_size = cfg.block_size or context_length(meta, say)
     splits = {"train": load_tokens(cfg.dataset, "train"), "val": load_tokens(cfg.dataset, "val")}
     for name, data in splits.items():
@@ -171,6 +172,7 @@ def main(argv):
         raise ValueError(f"{cfg.out_dir}/last.pt was trained on {checkpoint['config']['dataset']!r}, "
                          f"not {cfg.dataset!r}")
     max_new_tokens = cfg.max_new_tokens or generation_length(meta, block_size)
+    tokenizer = tokenizer_fingerprint(cfg.dataset)  # which tokenizer the checkpoints decode with
     max_iters, eval_every = training_length(cfg, len(splits["train"]), block_size, say)
     batch_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every process
     iter_num, best_val, best_iter, stale = 0, float("inf"), 0, 0  # stale: evaluations since the best
@@ -205,7 +207,7 @@ def main(argv):
         state = dict(model=model.state_dict(), model_args=asdict(model.config), iter_num=iter_num,
                      config=asdict(cfg), dataset=cfg.dataset, kind="target", val_loss=losses["val"],
                      max_iters=max_iters,
-                     tokenizer=tokenizer_fingerprint(cfg.dataset))
+                     tokenizer=tokenizer)
         save_checkpoint(os.path.join(cfg.out_dir, "last.pt"), dict(
             state, optimizer=optimizer.state_dict(), best_val_loss=best_val, best_iter=best_iter,
             stale_evals=stale, batch_rng=batch_gen.get_state(), torch_rng=rng))

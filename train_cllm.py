@@ -327,6 +327,7 @@ def main(argv):
                   traj_max_new_tokens=cfg.traj_max_new_tokens or trajectory_length(meta, context, cfg.n))
     torch.manual_seed(cfg.seed + world.rank)
     target_id = fingerprint(target.state_dict())  # which target the trajectories and CLLM come from
+    tokenizer = tokenizer_fingerprint(cfg.dataset)  # which tokenizer the CLLM decodes with
     val_records = load_records(cfg.dataset, "val")[:cfg.val_prompts] if world.master else []
     val_prompts = encode_prompts(enc, val_records, target, cfg.max_new_tokens, device, "val prompts")
 
@@ -389,7 +390,7 @@ def main(argv):
                            None if best == len(curve) - 1 else curve[best]["iter"], problems))
             state = dict(model=model.state_dict(), model_args=asdict(model.config), iter_num=iter_num,
                          config=asdict(cfg), dataset=cfg.dataset, kind="cllm", target=target_id,
-                         tokenizer=tokenizer_fingerprint(cfg.dataset), curve=curve)
+                         tokenizer=tokenizer, curve=curve)
             if iter_num > 0:
                 save_checkpoint(last_path, dict(state, optimizer=optimizer.state_dict(), train_secs=train_secs,
                                                 batch_rng=batch_gen.get_state(), torch_rng=rng))

@@ -73,7 +73,7 @@ def evaluate(model, enc, prompts, records, cfg, metric, max_new_tokens, device):
     """Jacobi-decode held-out prompts: tokens per forward (and with the sliding window), the
     task's quality (None where there is none), the share of repetitive outputs, the answer loss."""
     model.eval()
-    tokens = forwards = window_forwards = ended = 0
+    tokens = forwards = window_forwards = 0
     outputs = []
     for p in prompts:
         out, stats = jacobi_decode(model, p, max_new_tokens, cfg.n, enc.eot_token, cfg.guess)
@@ -82,13 +82,13 @@ def evaluate(model, enc, prompts, records, cfg, metric, max_new_tokens, device):
             window_forwards += sliding_window_jacobi_decode(
                 model, p, max_new_tokens, cfg.n, cfg.blocks, enc.eot_token, cfg.guess)[1].forwards
         outputs.append(out)
-        ended += enc.eot_token in out.tolist()
+    lists = [o.tolist() for o in outputs]
     return dict(tokens_per_forward=tokens / max(forwards, 1),
                 window_tokens_per_forward=tokens / max(window_forwards, 1) if cfg.blocks else None,
-                repeated=repetition_rate([o.tolist() for o in outputs], cfg.repeat_limit),
+                repeated=repetition_rate(lists, cfg.repeat_limit),
                 quality=mean_score(metric, records, outputs, enc),
                 answer_loss=answer_loss(model, enc, records, max_new_tokens, device),
-                ended=ended / max(len(prompts), 1))
+                ended=sum(enc.eot_token in o for o in lists) / max(len(lists), 1))
 
 
 def unfit_target(point, records, enc, max_new_tokens, metric):
