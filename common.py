@@ -33,7 +33,7 @@ from model import GPT, GPTConfig
 
 # The least value of a setting, by name, in every script that has it (for a list, of each item).
 AT_LEAST = dict(n=1, ns=1, max_new_tokens=0, traj_max_new_tokens=0, num_prompts=1, num_samples=1,
-                collect_batch=1, batch_size=1, states_per_block=1, noise_window=1, eval_interval=1,
+                collect_batch=1, batch_size=1, states_per_block=0, noise_window=1, eval_interval=1,
                 log_interval=1, eval_iters=1, val_prompts=0, test_prompts=0, max_iters=0,
                 warmup_iters=0, lr_decay_iters=0, repeat_limit=2, warmup=0, threads=0, n_layer=1,
                 n_head=1, n_embd=1, block_size=0, vocab_size=257, num_train=3, num_val=1, num_test=1,
@@ -325,7 +325,7 @@ def encode_prompts(enc, records, model, max_new_tokens, device, what="prompts", 
     """encode_prompt for every record, saying how many prompts were cropped (the model then never
     sees their beginning)."""
     keep = prompt_budget(model, max_new_tokens)
-    cropped = sum(len(ids) > keep for ids in enc.encode_ordinary_batch([r["prompt"] for r in records]))
+    cropped = sum(len(enc.encode_ordinary(r["prompt"])) > keep for r in records)
     if cropped:
         say(f"note: {cropped} of {len(records)} {what} are longer than {keep} tokens and were cropped "
             f"to their last {keep} (context {model.config.block_size}, max_new_tokens "

@@ -61,7 +61,8 @@ class CLLMConfig:
     ar_weight: float = 3.0           # the weight w of the AR loss (the authors: 10)
     ar_target: Literal["ground_truth", "fixed_point"] = "ground_truth"  # AR labels: the data's
                                      # answer, or the target's own output y*
-    states_per_block: int = 3        # states sampled per block and step (the paper: 1)
+    states_per_block: int = 3        # states sampled per block and step (the paper: 1; 0: no
+                                     # consistency loss, the AR-only control of a run)
     # 3. optimisation (AdamW, betas 0.9/0.99, no weight decay; warm-up, then cosine to min_lr)
     batch_size: int = 16             # prompts per step; each packs all of its blocks in one row
     max_iters: int = 1200            # optimizer steps

@@ -218,6 +218,34 @@ def test_packed_loss_and_gradients_equal_the_reference(recipe, kind, ar_target, 
         torch.testing.assert_close(p.grad, ref_grad, atol=1e-5, rtol=1e-4)
 
 
+def test_states_per_block_0_is_the_ar_loss_alone():
+    """The AR-only control (--states_per_block=0): no state is drawn, and a step's loss and
+    gradients are ar_weight times the mean cross-entropy of the data's answers after their
+    prompts, computed here with one plain forward per record."""
+    g = torch.Generator().manual_seed(3)
+    cfg = CLLMConfig(states_per_block=0, ar_weight=3.0)
+    model = make_model(seed=5).train()  # block_size 64
+    records = [fake_record(g), fake_record(g, blocks=((4, 2), (2, 1)), prompt_len=3, answer_len=4)]
+    choices = choose_states(records, cfg, g)
+    assert choices == [[], []]
+    total, l_c, _ = distillation_loss(model, collate([pack_row(r, c, cfg, 64) for r, c in
+                                                     zip(records, choices)], "cpu"), cfg)
+    total.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logits, targets = [], []
+    for r in records:
+        out, _ = model(torch.cat([r["prompt"], r["answer"][:-1]])[None])
+        logits.append(out[0, len(r["prompt"]) - 1:])
+        targets.append(r["answer"])
+    expected = 3.0 * torch.nn.functional.cross_entropy(torch.cat(logits), torch.cat(targets))
+    expected.backward()
+    assert l_c == 0
+    torch.testing.assert_close(total, expected, atol=1e-5, rtol=1e-5)
+    for p, grad in zip(model.parameters(), grads):
+        torch.testing.assert_close(grad, p.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_packed_row_segments(tiny):
     """The first segment is prompt + fixed points, causal, with the AR labels; a Jacobi Forcing
     stream is one segment that sees the prompt only (its blocks see the earlier noisy blocks)."""

@@ -87,6 +87,31 @@ def test_loss_ignores_padding_targets(tiny):
     torch.testing.assert_close(loss, expected)
 
 
+def test_the_compiled_model_trains_as_the_eager_one():
+    """train.py --compile=True, the GPU run's setting: torch.compile traces the training forward
+    and backward in one graph each (fullgraph) and gives the eager model's loss, gradients and
+    logits. The aot_eager backend runs the traced graphs with eager kernels, so this checks the
+    tracing (dynamo and autograd), which every backend shares, without inductor's C++ build, ~30 s
+    on a CPU for kernels a GPU would not use (it builds Triton ones)."""
+    torch._dynamo.reset()
+    model = make_model(seed=3).train()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    g = torch.Generator().manual_seed(2)
+    x, y = random_tokens((3, 20), g), random_tokens((3, 20), g)
+    losses, grads = [], []
+    for m in (model, compiled):
+        _, loss = m(x, y)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+        model.zero_grad()
+    torch.testing.assert_close(losses[1], losses[0], atol=ATOL, rtol=0)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=ATOL, rtol=1e-4)
+    with torch.no_grad():  # the evaluations' forward
+        torch.testing.assert_close(compiled.eval()(x)[0], model(x)[0], atol=ATOL, rtol=0)
+
+
 def test_cache_without_positions_is_refused(tiny):
     with pytest.raises(AssertionError, match="input_pos"):
         tiny(torch.zeros(1, 3, dtype=torch.long, device=DEVICE), cache=tiny.make_cache())

@@ -121,18 +121,23 @@ def test_the_cost_line_adds_up():
     assert cost_line(cfg, 5, 0.5, None).endswith("then 5 evaluations and the table")
 
 
-def test_a_gain_over_a_target_that_was_still_training_is_called_so():
-    """The CLLM answers better than its target: when the target's best checkpoint is its last
-    iteration (its val loss still falling), the table says the gain is likely further training."""
-    from extras.table import still_training_note
+def test_a_gain_over_the_target_is_called_further_training():
+    """The CLLM answers better than its target: the table says the AR loss can account for part
+    of it and how to measure that, and, when the target's best checkpoint is its last iteration
+    (its val loss still falling), that the target had not finished training."""
+    from extras.table import quality_gain_note
     tolerance = dict(answer_loss=0.05, quality=0.05, repeated=0.05)
     row = lambda q, loss: dict(quality=q, answer_loss=loss)
     better = {"target": {"AR": row(0.76, 0.020)}, "CLLM": {"AR": row(0.83, 0.018)}}
     same = {"target": {"AR": row(0.76, 0.020)}, "CLLM": {"AR": row(0.78, 0.019)}}
     still = dict(iter_num=1500, config=dict(max_iters=1500))
-    assert "still falling when its training ended (iteration 1500)" in still_training_note(still, better, tolerance)
-    assert still_training_note(still, same, tolerance) is None  # no gain to explain
+    note = quality_gain_note(still, "accuracy", better, tolerance)
+    assert "(accuracy 0.760 -> 0.830)" in note and "--states_per_block=0" in note
+    assert "still falling when its training ended (iteration 1500)" in note
+    assert quality_gain_note(still, "accuracy", same, tolerance) is None  # no gain to explain
     plateau = dict(iter_num=420, max_iters=1500, config=dict(max_iters=1500))  # patience ended it
-    assert still_training_note(plateau, better, tolerance) is None
+    note = quality_gain_note(plateau, "accuracy", better, tolerance)
+    assert "--states_per_block=0" in note and "still falling" not in note
     lower_loss = {"target": {"AR": row(None, 2.43)}, "CLLM": {"AR": row(None, 1.90)}}
-    assert still_training_note(dict(iter_num=145, max_iters=145), lower_loss, tolerance)
+    assert "(answer loss 2.430 -> 1.900)" in quality_gain_note(dict(iter_num=145, max_iters=145),
+                                                               "loss", lower_loss, tolerance)
