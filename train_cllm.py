@@ -320,7 +320,7 @@ def main(argv):
     if cfg.val_prompts < 1:
         raise ValueError("val_prompts must be at least 1: the guard chooses the CLLM by them")
     if world.size == 1:
-        ensure_prepared(cfg.dataset)  # a fresh clone prepares data/arith here (~20 s)
+        ensure_prepared(cfg.dataset)  # a fresh clone prepares data/arith here (~5 s)
     target, target_ckpt = load_model(os.path.join(cfg.target_dir, "ckpt.pt"), device, cfg.dataset, say)
     meta, enc = load_meta(cfg.dataset), load_encoding(cfg.dataset)
     context = target.config.block_size
