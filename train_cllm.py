@@ -371,9 +371,11 @@ def main(argv):
     if cfg.init_from == "resume":
         optimizer.load_state_dict(checkpoint["optimizer"])
     train_model = ddp.wrap(torch.compile(model) if cfg.compile else model, world, device)
+    loss = (f"{cfg.recipe} recipe, {cfg.consistency} consistency + {cfg.ar_weight} * AR ({cfg.ar_target})"
+            if cfg.states_per_block else "the AR loss alone (states_per_block=0), a control: ckpt.pt "
+            "is chosen by tokens/forward as for a CLLM; compare its last.pt with the CLLM's iteration")
     say(f"distilling on {len(records)} prompts ({sum(len(r['states']) for r in records)} blocks): "
-        f"{cfg.recipe} recipe, {cfg.consistency} consistency + {cfg.ar_weight} * AR "
-        f"({cfg.ar_target}), from iter {iter_num} to {cfg.max_iters}")
+        f"{loss}, from iter {iter_num} to {cfg.max_iters}")
 
     def evaluate_and_save():
         """Evaluate on the val prompts; last.pt always, ckpt.pt when the guard has a new best."""

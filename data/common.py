@@ -79,7 +79,8 @@ def write_dataset(name, records, vocab_size, metric, source, settings, pattern=S
         _write_atomic(os.path.join(out, f"{split}.jsonl"), lambda p: _write_jsonl(p, records[split]))
         # prompt and answer are encoded apart, as they are at generation time: a token never
         # straddles the point where the model starts to answer
-        prompts, answers = (encode_all(enc, [r[k] for r in records[split]]) for k in ("prompt", "answer"))
+        prompts = encode_all(enc, [r["prompt"] for r in records[split]])
+        answers = encode_all(enc, [r["answer"] for r in records[split]])
         encoded[split] = prompts, answers
         docs = [p + a for p, a in zip(prompts, answers)] + encode_all(enc, extra_text.get(split, []))
         stream = np.array([t for doc in docs for t in [*doc, enc.eot_token]], dtype=np.uint16)

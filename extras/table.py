@@ -228,7 +228,7 @@ def quality_gain_note(target_ckpt, metric, results, tolerance):
     higher = (cllm["quality"] or 0) - (base["quality"] or 0) > tolerance["quality"]
     if not (higher or base["answer_loss"] - cllm["answer_loss"] > tolerance["answer_loss"]):
         return None
-    change = (f"{metric} {base['quality']:.3f} -> {cllm['quality']:.3f}" if higher else
+    change = (f"{QUALITY_NAMES[metric]} {base['quality']:.3f} -> {cllm['quality']:.3f}" if higher else
               f"answer loss {base['answer_loss']:.3f} -> {cllm['answer_loss']:.3f}")
     last = target_ckpt.get("max_iters", target_ckpt.get("config", {}).get("max_iters"))
     still = (f" The target's val loss was still falling when its training ended (iteration {last}): "
@@ -236,7 +236,8 @@ def quality_gain_note(target_ckpt, metric, results, tolerance):
              if target_ckpt.get("iter_num") == last else "")
     return (f"note: the CLLM answers better than its target ({change}). Its AR loss trains on the "
             f"data's answers, so part of that is further training, not distillation.{still} The same "
-            "run with --states_per_block=0 (the AR loss alone) measures that part (docs/own-data.md).")
+            "run with --states_per_block=0 (the AR loss alone; compare its last.pt) measures that part "
+            "(docs/own-data.md).")
 
 
 def cost_line(cfg, iter_num, secs_per_iter, eval_secs):

@@ -7,7 +7,8 @@
 #     bash scripts/gpu_run.sh              # results in out-gpu-run/: log.txt, steps.txt, the JSONs
 #     bash scripts/gpu_run.sh out-h100     # results in out-h100/
 #     bash scripts/gpu_run.sh --smoke      # the same steps and settings at toy sizes on a CPU, in
-#                                          # out-gpu-run-smoke/: only the device and compile differ
+#                                          # out-gpu-run-smoke/: the device, the sizes, compile
+#                                          # and which tests run differ
 #
 # The smoke run does not torch.compile: inductor would spend ~30 s of a CPU building C++ kernels
 # that a GPU does not use (it builds Triton ones); tests/test_model.py checks instead that the

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import train_cllm
+from common import configure
 from conftest import make_model
 from extras.quality import guard, stop_line
 from jacobi import collect_trajectories, greedy_decode, jacobi_decode
@@ -221,13 +222,19 @@ def test_packed_loss_and_gradients_equal_the_reference(recipe, kind, ar_target, 
 def test_states_per_block_0_is_the_ar_loss_alone():
     """The AR-only control (--states_per_block=0): no state is drawn, and a step's loss and
     gradients are ar_weight times the mean cross-entropy of the data's answers after their
-    prompts, computed here with one plain forward per record."""
+    prompts, computed here with one plain forward per record. The command line takes 0, and the
+    draws use the random stream as a CLLM run's do, so the two runs see the same batches."""
+    cfg = configure(CLLMConfig(), ["--states_per_block=0", "--ar_weight=3.0"])
+    with pytest.raises(ValueError, match="states_per_block"):
+        configure(CLLMConfig(), ["--states_per_block=-1"])
     g = torch.Generator().manual_seed(3)
-    cfg = CLLMConfig(states_per_block=0, ar_weight=3.0)
     model = make_model(seed=5).train()  # block_size 64
     records = [fake_record(g), fake_record(g, blocks=((4, 2), (2, 1)), prompt_len=3, answer_len=4)]
+    g_cllm = torch.Generator().set_state(g.get_state())
     choices = choose_states(records, cfg, g)
     assert choices == [[], []]
+    choose_states(records, CLLMConfig(states_per_block=3), g_cllm)
+    assert torch.equal(g.get_state(), g_cllm.get_state())
     total, l_c, _ = distillation_loss(model, collate([pack_row(r, c, cfg, 64) for r, c in
                                                      zip(records, choices)], "cpu"), cfg)
     total.backward()

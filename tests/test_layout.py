@@ -52,12 +52,14 @@ def test_every_extra_says_a_learner_may_skip_it(path):
 @pytest.mark.parametrize("script", ["train.py", "train_cllm.py", "sample.py", "bench.py",
                                     "data/arith/prepare.py", "data/custom/prepare.py"])
 def test_help_lists_every_setting_with_its_meaning(script, monkeypatch, capsys):
-    """python <script> --help, run as the command line runs it (as __main__), in this process:
-    a subprocess would pay for importing torch six times."""
+    """python <script> --help, run as __main__ in this process (a subprocess would pay for
+    importing torch six times). pytest puts the repository on sys.path, as each script's own
+    sys.path line does; the smoke test of scripts/gpu_run.sh runs data/arith/prepare.py as a
+    command."""
     monkeypatch.setattr(sys, "argv", [script, "--help"])
-    with pytest.raises(SystemExit) as exit:
+    with pytest.raises(SystemExit) as stop:
         runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
-    assert exit.value.code in (0, None)
+    assert stop.value.code in (0, None)
     settings = [line.strip() for line in capsys.readouterr().out.splitlines() if line.startswith("  --")]
     assert len(settings) >= 7
     for line in settings:  # --name=default, then its meaning (a setting may share one with the

@@ -108,7 +108,7 @@ def test_the_compiled_model_trains_as_the_eager_one():
     torch.testing.assert_close(losses[1], losses[0], atol=ATOL, rtol=0)
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, atol=ATOL, rtol=1e-4)
-    with torch.no_grad():  # the evaluations' forward
+    with torch.no_grad():  # an eval-mode forward without gradients
         torch.testing.assert_close(compiled.eval()(x)[0], model(x)[0], atol=ATOL, rtol=0)
 
 
