@@ -58,6 +58,19 @@ def tensor(data, **kwargs):
     return torch.tensor(data, device=DEVICE, **kwargs)
 
 
+def settings(defaults, **overrides):
+    """A script's command line: {**defaults, **overrides} as ["--key=value", ...]."""
+    return [f"--{k}={v}" for k, v in {**defaults, **overrides}.items()]
+
+
+def small_arith(folder, num_train, num_val, num_test):
+    """A small arith dataset, made by data/arith/prepare.py in folder/arith: its path."""
+    from data.arith.prepare import prepare
+    path = str(folder / "arith")
+    prepare(settings(dict(name=path, num_train=num_train, num_val=num_val, num_test=num_test)))
+    return path
+
+
 @contextmanager
 def recorded_forwards(model):
     """The positions (input_pos) of every forward pass of model made inside the block: a count of
@@ -95,10 +108,8 @@ def tiny():
 def tiny_target(tmp_path_factory):
     """A tiny arith dataset and a (barely) trained tiny target: (dataset path, target out_dir)."""
     import train
-    from data.arith.prepare import prepare
     root = tmp_path_factory.mktemp("pipeline")
-    data = str(root / "arith")
-    prepare([f"--name={data}", "--num_train=200", "--num_val=10", "--num_test=10"])
+    data = small_arith(root, 200, 10, 10)
     train.main([f"--dataset={data}", f"--out_dir={root / 'target'}", "--n_layer=1", "--n_head=2",
                 "--n_embd=32", "--batch_size=8", "--max_iters=20", "--eval_interval=1000",
                 "--eval_iters=1", "--test_prompts=0", "--warmup_iters=2"])

@@ -14,7 +14,7 @@ import torch
 
 import train_cllm
 from common import configure
-from conftest import make_model
+from conftest import make_model, settings
 from extras.quality import guard, stop_line
 from jacobi import collect_trajectories, greedy_decode, jacobi_decode
 from extras.jacobi_forcing import noise_ratio, noisy_streams
@@ -356,13 +356,12 @@ def test_distillation_raises_tokens_per_forward():
 # the whole script on a tiny arith slice: trajectory file reuse and refusal, resume
 
 def cllm_args(data, target, out_dir, **overrides):
-    args = dict(dataset=data, target_dir=target, out_dir=out_dir, n=4, num_prompts=12,
-                traj_max_new_tokens=16, collect_batch=5, batch_size=4, max_iters=4,
-                eval_interval=2, val_prompts=2, max_new_tokens=16, test_prompts=2,
-                log_interval=1, warmup_iters=1, repeat_limit=1000, guard_patience=0,
-                force=True)  # (the tiny target has learned nothing: the check would refuse it)
-    args.update(overrides)
-    return [f"--{k}={v}" for k, v in args.items()]
+    return settings(dict(dataset=data, target_dir=target, out_dir=out_dir, n=4, num_prompts=12,
+                         traj_max_new_tokens=16, collect_batch=5, batch_size=4, max_iters=4,
+                         eval_interval=2, val_prompts=2, max_new_tokens=16, test_prompts=2,
+                         log_interval=1, warmup_iters=1, repeat_limit=1000, guard_patience=0,
+                         force=True),  # (the tiny target has learned nothing: the check would refuse it)
+                    **overrides)
 
 
 def test_pipeline_reuses_and_refuses_trajectories_and_resumes(tiny_target, tmp_path, capsys):

@@ -3,11 +3,12 @@
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from data.arith.prepare import prepare as prepare_arith
+from conftest import small_arith
 from data.common import (final_answer, load_encoding, load_meta, load_records, load_tokens,
                          parses, score)
 from data.custom.prepare import prepare as prepare_custom
@@ -19,9 +20,7 @@ OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b
 
 @pytest.fixture(scope="module")
 def arith(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("data") / "arith")
-    prepare_arith([f"--name={path}", "--num_train=400", "--num_val=30", "--num_test=30"])
-    return path
+    return small_arith(tmp_path_factory.mktemp("data"), 400, 30, 30)
 
 
 def test_arith_splits_and_no_leakage(arith):
@@ -55,11 +54,10 @@ def test_arith_streams_decode_to_the_records(arith):
 
 def test_prepare_is_idempotent_and_deterministic(arith, tmp_path, capsys):
     mtime = os.path.getmtime(os.path.join(arith, "train.bin"))
-    prepare_arith([f"--name={arith}", "--num_train=400", "--num_val=30", "--num_test=30"])
+    small_arith(Path(arith).parent, 400, 30, 30)
     assert "already prepared" in capsys.readouterr().out
     assert os.path.getmtime(os.path.join(arith, "train.bin")) == mtime
-    again = str(tmp_path / "arith2")
-    prepare_arith([f"--name={again}", "--num_train=400", "--num_val=30", "--num_test=30"])
+    again = small_arith(tmp_path, 400, 30, 30)
     for f in ("train.bin", "test.jsonl", "tokenizer.tiktoken"):
         assert open(os.path.join(arith, f), "rb").read() == open(os.path.join(again, f), "rb").read()
 

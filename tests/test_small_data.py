@@ -12,7 +12,7 @@ import torch
 
 import train
 import train_cllm
-from data.arith.prepare import prepare
+from conftest import settings, small_arith
 from data.common import load_tokens, trajectory_length
 from extras.quality import unfit_target
 from extras.table import cost_line
@@ -20,17 +20,14 @@ from extras.table import cost_line
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("small") / "arith")
-    prepare([f"--name={path}", "--num_train=40", "--num_val=10", "--num_test=4"])
-    return path
+    return small_arith(tmp_path_factory.mktemp("small"), 40, 10, 4)
 
 
 def small_target_args(data, out_dir, **overrides):
-    args = dict(dataset=data, out_dir=out_dir, n_layer=1, n_head=2, n_embd=32, block_size=64,
-                batch_size=8, max_iters=2000, learning_rate=1e-2, min_lr=1e-2, warmup_iters=1,
-                eval_iters=2, log_interval=1000, val_prompts=0, test_prompts=0, patience=3)
-    args.update(overrides)
-    return [f"--{k}={v}" for k, v in args.items()]
+    return settings(dict(dataset=data, out_dir=out_dir, n_layer=1, n_head=2, n_embd=32, block_size=64,
+                         batch_size=8, max_iters=2000, learning_rate=1e-2, min_lr=1e-2, warmup_iters=1,
+                         eval_iters=2, log_interval=1000, val_prompts=0, test_prompts=0, patience=3),
+                    **overrides)
 
 
 def test_training_stops_when_the_val_loss_stops_improving(small, tmp_path, capsys):

@@ -8,23 +8,20 @@ import torch
 
 import train
 from common import get_lr, load_checkpoint
-from data.arith.prepare import prepare as prepare_arith
+from conftest import settings, small_arith
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("data") / "arith")
-    prepare_arith([f"--name={path}", "--num_train=300", "--num_val=20", "--num_test=20"])
-    return path
+    return small_arith(tmp_path_factory.mktemp("data"), 300, 20, 20)
 
 
 def tiny_args(dataset, out_dir, **overrides):
-    args = dict(dataset=dataset, out_dir=str(out_dir), n_layer=1, n_head=2, n_embd=32,
-                block_size=32, batch_size=4, max_iters=6, lr_decay_iters=6, warmup_iters=2,
-                eval_interval=2, eval_iters=2, log_interval=1, test_prompts=2, val_prompts=2,
-                max_new_tokens=8, dropout=0.1)
-    args.update(overrides)
-    return [f"--{k}={v}" for k, v in args.items()]
+    return settings(dict(dataset=dataset, out_dir=str(out_dir), n_layer=1, n_head=2, n_embd=32,
+                         block_size=32, batch_size=4, max_iters=6, lr_decay_iters=6, warmup_iters=2,
+                         eval_interval=2, eval_iters=2, log_interval=1, test_prompts=2, val_prompts=2,
+                         max_new_tokens=8, dropout=0.1),
+                    **overrides)
 
 
 def test_train_writes_a_checkpoint_that_resumes_exactly(dataset, tmp_path, capsys):
