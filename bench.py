@@ -23,7 +23,7 @@ import torch
 
 from common import configure, find_checkpoint, fingerprint, load_model, run, setup_device
 from data.common import generation_length, load_encoding, load_meta, load_records
-from extras.quality import QUALITY_TOLERANCE
+from extras.quality import tolerance_of
 from extras.table import environment, held_out_comparison, markdown_table, measure, methods_for
 from model import GPT, GPTConfig
 
@@ -64,9 +64,7 @@ def trained_models(cfg, device):
             print(f"WARNING: {target_path} is not the model this CLLM was distilled from (it was "
                   "trained again since?): the comparison is not with its own target")
         models = {"target": target, "CLLM": model}
-    tolerance = {k: ckpt["config"].get(key, v) for (k, v), key in
-                 zip(QUALITY_TOLERANCE.items(), ("max_loss_rise", "max_quality_drop", "max_repeat_rise"))}
-    return models, ckpt["dataset"], ckpt["config"], tolerance
+    return models, ckpt["dataset"], ckpt["config"], tolerance_of(ckpt["config"])
 
 
 def main(argv):

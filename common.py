@@ -315,22 +315,17 @@ def prompt_budget(model, max_new_tokens):
     return max(context - max_new_tokens, context // 2)
 
 
-def encode_prompt(enc, text, model, max_new_tokens, device):
-    """Token ids of a prompt, cropped from the left to prompt_budget tokens."""
-    ids = enc.encode_ordinary(text)
-    return torch.tensor(ids[-prompt_budget(model, max_new_tokens):], dtype=torch.long, device=device)
-
-
 def encode_prompts(enc, records, model, max_new_tokens, device, what="prompts", say=print):
-    """encode_prompt for every record, saying how many prompts were cropped (the model then never
-    sees their beginning)."""
+    """Token ids of every record's prompt, cropped from the left to prompt_budget tokens, saying how
+    many prompts were cropped (the model then never sees their beginning)."""
     keep = prompt_budget(model, max_new_tokens)
-    cropped = sum(len(enc.encode_ordinary(r["prompt"])) > keep for r in records)
+    ids = [enc.encode_ordinary(r["prompt"]) for r in records]
+    cropped = sum(len(i) > keep for i in ids)
     if cropped:
         say(f"note: {cropped} of {len(records)} {what} are longer than {keep} tokens and were cropped "
             f"to their last {keep} (context {model.config.block_size}, max_new_tokens "
             f"{max_new_tokens}): a larger --block_size (train.py) keeps more")
-    return [encode_prompt(enc, r["prompt"], model, max_new_tokens, device) for r in records]
+    return [torch.tensor(i[-keep:], dtype=torch.long, device=device) for i in ids]
 
 
 def decode_text(enc, tokens):

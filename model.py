@@ -36,7 +36,6 @@ class KVCache:
         shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.max_len = max_len
 
     def update(self, layer, input_pos, k, v, S):
         """Write k, v (B, nh, T, hs) at slots input_pos: a range (consecutive slots, the same for
@@ -182,11 +181,10 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def make_cache(self, batch_size=1, max_len=None):
-        """An empty KV cache for up to max_len positions (default: the whole context)."""
-        max_len = max_len or self.config.block_size
+    def make_cache(self, batch_size=1):
+        """An empty KV cache for the whole context."""
         w = self.lm_head.weight
-        return KVCache(self.config, batch_size, max_len, w.device, w.dtype)
+        return KVCache(self.config, batch_size, self.config.block_size, w.device, w.dtype)
 
     def forward(self, idx, targets=None, input_pos=None, attn_mask=None, cache=None):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None).
@@ -232,12 +230,13 @@ class GPT(nn.Module):
                                    ignore_index=-1)
         return logits, loss
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW; weight decay on matrices (and embeddings), none on biases and LayerNorms."""
+    def configure_optimizers(self, weight_decay, learning_rate, device_type):
+        """AdamW, betas 0.9/0.99; weight decay on matrices (and embeddings), none on biases and
+        LayerNorms."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         fused = device_type == "cuda"
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.99), fused=fused)

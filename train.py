@@ -126,8 +126,7 @@ def init_model(cfg, vocab_size, block_size, device):
                          f"({vocab_size}): GPT-2 weights need a dataset prepared with GPT-2's "
                          "tokenizer (data/custom/prepare.py --tokenizer=gpt2)")
     model.to(device).train()
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
-                                           (0.9, 0.99), device.type)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, device.type)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
     return model, optimizer, checkpoint
@@ -225,8 +224,7 @@ def main(argv):
     while iter_num < max_iters:
         if iter_num % eval_every == 0 and iter_num != resumed_at:  # (0 when fresh)
             stopped = evaluate_and_checkpoint()
-            ddp.barrier(world)
-            t0 = time.time()  # the evaluation is not training time
+            t0, last_log = time.time(), iter_num  # the evaluation is not training time
             if stopped:
                 break
         lr = get_lr(iter_num, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters or max_iters)

@@ -37,7 +37,7 @@ from data.common import (ensure_prepared, generation_length, load_encoding, load
 from extras import ddp
 from extras.jacobi_forcing import noisy_streams
 from extras.quality import (QUALITY_TOLERANCE, REPEAT_LIMIT, describe, evaluate, guard, stop_line,
-                            unfit_target)
+                            tolerance_of, unfit_target)
 from extras.table import cost_line, report
 from extras.trajectories import load_or_collect
 from model import pack
@@ -319,10 +319,10 @@ def main(argv):
     refuse_to_overwrite(cfg.out_dir, cfg.init_from)
     if cfg.val_prompts < 1:
         raise ValueError("val_prompts must be at least 1: the guard chooses the CLLM by them")
-    if world.size == 1:
-        ensure_prepared(cfg.dataset)  # a fresh clone prepares data/arith here (~5 s)
+    # a fresh clone prepares data/arith here (~5 s); under torchrun it must be there already
+    meta = ensure_prepared(cfg.dataset) if world.size == 1 else load_meta(cfg.dataset)
     target, target_ckpt = load_model(os.path.join(cfg.target_dir, "ckpt.pt"), device, cfg.dataset, say)
-    meta, enc = load_meta(cfg.dataset), load_encoding(cfg.dataset)
+    enc = load_encoding(cfg.dataset)
     context = target.config.block_size
     cfg = replace(cfg, max_new_tokens=cfg.max_new_tokens or generation_length(meta, context),
                   traj_max_new_tokens=cfg.traj_max_new_tokens or trajectory_length(meta, context, cfg.n))
@@ -348,8 +348,7 @@ def main(argv):
         raise ValueError("no usable trajectories (every prompt was dropped as repetitive)")
 
     # the CLLM starts from the target's weights (or from last.pt of an earlier run)
-    tolerance = dict(answer_loss=cfg.max_loss_rise, quality=cfg.max_quality_drop,
-                     repeated=cfg.max_repeat_rise)
+    tolerance = tolerance_of(asdict(cfg))
     last_path, best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "ckpt.pt")
     batch_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every process
     iter_num, curve, train_secs, stopped, last_eval = 0, [], 0.0, None, -1
@@ -367,7 +366,7 @@ def main(argv):
     else:
         model = copy.deepcopy(target)
     model.train()
-    optimizer = model.configure_optimizers(0.0, cfg.learning_rate, (0.9, 0.99), device.type)
+    optimizer = model.configure_optimizers(0.0, cfg.learning_rate, device.type)
     if cfg.init_from == "resume":
         optimizer.load_state_dict(checkpoint["optimizer"])
     train_model = ddp.wrap(torch.compile(model) if cfg.compile else model, world, device)
@@ -402,6 +401,7 @@ def main(argv):
             if stop:
                 stopped = stop_line(curve, cfg.guard_patience, tolerance)
                 print(stopped)
+            model.train()  # (evaluate leaves it in eval mode)
         stopped = ddp.all_gather(stopped, world)[0]  # rank 0 decides
 
     t0, last_log, start, start_secs = time.time(), iter_num, iter_num, train_secs
@@ -414,7 +414,6 @@ def main(argv):
         lr = get_lr(iter_num, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        model.train()  # (evaluation leaves it in eval mode)
         step_start = time.time()
         idx = torch.randint(len(records), (cfg.batch_size,), generator=batch_gen).tolist()
         picked = [records[i] for i in idx]
@@ -423,7 +422,7 @@ def main(argv):
         rows = [pack_row(r, c, cfg, context) for r, c in mine]
         counts = ddp.all_sum([sum(len(r.student) for r in rows),  # the whole batch's positions
                               sum(int((r.labels != -1).sum()) for r in rows)], world)
-        terms = torch.zeros(2)
+        terms = torch.zeros(2, device=device)  # read at the log lines only: no wait per step
         for micro, sync in ddp.micro_steps(train_model, world, cfg.grad_accum):
             part = rows[micro * per_process:(micro + 1) * per_process]
             shares = (sum(len(r.student) for r in part) / max(counts[0], 1),
@@ -431,7 +430,7 @@ def main(argv):
             with autocast, sync:
                 loss, l_c, l_ar = distillation_loss(train_model, collate(part, device), cfg, shares)
                 (loss * world.size).backward()  # DDP averages over the processes; the shares sum
-            terms += torch.stack([l_c.detach().float().cpu(), l_ar.detach().float().cpu()])
+            terms += torch.stack([l_c.detach().float(), l_ar.detach().float()])
         optimizer_step(model, optimizer, cfg.grad_clip)
         train_secs += time.time() - step_start
         iter_num += 1

@@ -165,10 +165,9 @@ def _write_jsonl(path, records):
 def ensure_prepared(name):
     """Prepare a dataset that ships its own prepare.py (arith, pycode) when it is missing, saying
     so; any other missing dataset is an error that says how to prepare it."""
-    if os.path.isfile(os.path.join(dataset_dir(name), "meta.json")) or name not in ("arith", "pycode"):
-        return load_meta(name)
-    print(f"data/{name} is missing: preparing it (by hand: python data/{name}/prepare.py)")
-    importlib.import_module(f"data.{name}.prepare").prepare([])
+    if not os.path.isfile(os.path.join(dataset_dir(name), "meta.json")) and name in ("arith", "pycode"):
+        print(f"data/{name} is missing: preparing it (by hand: python data/{name}/prepare.py)")
+        importlib.import_module(f"data.{name}.prepare").prepare([])
     return load_meta(name)
 
 

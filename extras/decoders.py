@@ -70,17 +70,17 @@ def prompt_lookup_decode(model, idx, max_new_tokens, eos_id=None, ngram=3, draft
 
 @torch.no_grad()
 def sliding_window_jacobi_decode(model, idx, max_new_tokens, n=16, blocks=2, eos_id=None,
-                             guess="prefix", seed=0):
+                                 guess="prefix", seed=0):
     """Jacobi decoding over a window of `blocks` * n tokens that slides on as tokens commit.
 
     Plain Jacobi refines one block and starts the next only once it has converged, from a fresh
     guess, so even a perfect CLLM needs two passes per block: one that predicts it from the
     guess, one that confirms it. Here every pass runs the whole unconverged window, the Jacobi
     update refines all of it, and the leading run of right tokens is committed wherever it ends,
-    inside the first block or past it; then fresh guesses refill the window's end. Exactly
-    greedy, like every decoder here (tests/test_decoders.py). So the pass
+    inside the first block or past it; then fresh guesses refill the window's end. So the pass
     that confirms one block also predicts the next one. The tokens past the first block are
-    refined from an unconverged past: what Jacobi Forcing's noisy-stream training is for.
+    refined from an unconverged past: what Jacobi Forcing's noisy-stream training is for. Exactly
+    greedy, like every decoder here (tests/test_decoders.py).
     """
     prompt, budget = check_inputs(model, idx, max_new_tokens, n)
     if not isinstance(blocks, int) or blocks < 1:

@@ -28,13 +28,14 @@ def noisy_streams(record, k, window, generator):
     if not record["states"]:
         return []
     schedule = torch.linspace(0, 1, window).tolist()
+    ratios = [[noise_ratio(state, s[-1]) for state in s] for s in record["states"]]  # per block
     streams = []
     for _ in range(k):
         phase = int(torch.randint(window, (1,), generator=generator))
         js = []
-        for b, s in enumerate(record["states"]):
+        for b, r in enumerate(ratios):
             t = schedule[(phase + b) % window]
-            noise = [abs(noise_ratio(state, s[-1]) - t) for state in s]
+            noise = [abs(x - t) for x in r]
             js.append(noise.index(min(noise)))
         streams.append((0, js))
     return streams

@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from common import encode_prompts, fingerprint, save_checkpoint
-from data.common import dataset_dir, load_records, longest_run
+from common import encode_prompts, save_checkpoint, tokenizer_fingerprint
+from data.common import load_records, longest_run
 from extras import ddp
 from jacobi import collect_trajectories
 
@@ -30,9 +30,7 @@ SAVE_EVERY = 30.0  # seconds between saves of the finished batches
 
 def trajectory_meta(cfg, target_id):
     """What a trajectory file must match to be reused."""
-    tokenizer = os.path.join(dataset_dir(cfg.dataset), "tokenizer.tiktoken")
-    return dict(target=target_id, dataset=cfg.dataset,
-                tokenizer=fingerprint(tokenizer if os.path.isfile(tokenizer) else "gpt2"),
+    return dict(target=target_id, dataset=cfg.dataset, tokenizer=tokenizer_fingerprint(cfg.dataset),
                 n=cfg.n, guess=cfg.guess, num_prompts=cfg.num_prompts,
                 max_new_tokens=cfg.traj_max_new_tokens, repeat_limit=cfg.repeat_limit, seed=cfg.seed)
 

@@ -18,9 +18,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from an
 
 import torch
 
-from common import SHIPPED, configure, load_checkpoint, run, save_checkpoint, tokenizer_fingerprint
+from common import SHIPPED, configure, load_checkpoint, run, save_checkpoint
 
-KEEP = ("model_args", "config", "dataset", "kind", "iter_num", "max_iters", "target", "val_loss", "curve")
+KEEP = ("model_args", "config", "dataset", "kind", "iter_num", "max_iters", "target", "val_loss", "curve",
+        "tokenizer")
 
 
 @dataclass
@@ -33,10 +34,9 @@ class ExportConfig:
 
 def export(cfg):
     model, checkpoint = load_checkpoint(os.path.join(cfg.src, "ckpt.pt"))
-    tokenizer = tokenizer_fingerprint(checkpoint["dataset"])
     state = {k: checkpoint[k] for k in KEEP if k in checkpoint}
     # model.half() keeps the tied embedding and output weights one tensor, stored once
-    state.update(model=model.half().state_dict(), tokenizer=tokenizer)
+    state.update(model=model.half().state_dict())
     path = os.path.join(cfg.dst, "ckpt.pt")
     save_checkpoint(path, state)
     manifest = dict(name=os.path.basename(cfg.dst), kind=checkpoint.get("kind"), made_by=cfg.made_by,
@@ -44,7 +44,7 @@ def export(cfg):
                     model=checkpoint["model_args"], parameters=model.num_params(),
                     storage="float16, loaded as float32", bytes=os.path.getsize(path),
                     iteration=checkpoint.get("iter_num"), dataset=checkpoint["dataset"],
-                    tokenizer_fingerprint=tokenizer, prepare="python data/arith/prepare.py (defaults)",
+                    tokenizer_fingerprint=checkpoint["tokenizer"], prepare="python data/arith/prepare.py (defaults)",
                     torch=torch.__version__)
     _write_json(os.path.join(cfg.dst, "manifest.json"), manifest)
     print(f"wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB) and its manifest.json")

@@ -145,7 +145,7 @@ def test_a_distillation_step(consistency, ar_target):
     last = max(int(r.positions.max()) for r in rows)
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = fake_model(train_mode=True)
-        optimizer = model.configure_optimizers(0.0, 1e-3, (0.9, 0.99), FAKE.type)
+        optimizer = model.configure_optimizers(0.0, 1e-3, FAKE.type)
         batch = train_cllm.collate(rows, FAKE)
         assert all(t.device == FAKE for t in batch)
         with Reads(last, True):
@@ -166,7 +166,7 @@ def test_a_pretraining_step():
     with FakeTensorMode(allow_non_fake_inputs=True):
         x, y = train.get_batch(data, starts, 16, FAKE)
         model = fake_model(train_mode=True)
-        optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), FAKE.type)
+        optimizer = model.configure_optimizers(0.1, 1e-3, FAKE.type)
         _, loss = model(x, y)
         loss.backward()
         optimizer_step(model, optimizer, grad_clip=1.0)
