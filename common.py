@@ -184,6 +184,14 @@ def get_lr(it, learning_rate, min_lr, warmup_iters, decay_iters):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
+def set_lr(optimizer, it, cfg, decay_iters):
+    """Give every parameter group the learning rate of step it (get_lr with a run's settings)."""
+    lr = get_lr(it, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters or decay_iters)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def optimizer_step(model, optimizer, grad_clip):
     """After backward: clip the gradient norm (grad_clip > 0), step, clear the gradients."""
     if grad_clip > 0:

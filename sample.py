@@ -171,10 +171,11 @@ def main(argv):
                 jacobi_decode(m, prompt, 8, n)
         print("=" * 80 + f"\n{text}", end="" if text.endswith("\n") else "\n")
         for name, m in models:
+            greedy = lambda: greedy_decode(m, prompt, max_new_tokens, enc.eot_token)
+            jacobi = lambda: jacobi_decode(m, prompt, max_new_tokens, n, enc.eot_token, guess, cfg.seed)
             if cfg.compare:
-                ar, ar_secs = timed(lambda: greedy_decode(m, prompt, max_new_tokens, enc.eot_token), device)
-                (jt, stats), j_secs = timed(lambda: jacobi_decode(
-                    m, prompt, max_new_tokens, n, enc.eot_token, guess, cfg.seed), device)
+                ar, ar_secs = timed(greedy, device)
+                (jt, stats), j_secs = timed(jacobi, device)
                 print(decode_text(enc, ar))
                 print(f"AR:     {stats_line(len(ar), len(ar), ar_secs)}")
                 print(f"Jacobi: {stats_line(stats.tokens, stats.forwards, j_secs)}")
@@ -184,15 +185,14 @@ def main(argv):
                     print("!!! MISMATCH: Jacobi and AR outputs differ (in float32 they must not; "
                           f"bf16/fp16 can flip near-ties) !!!\nJacobi: {decode_text(enc, jt)!r}")
             elif cfg.jacobi or cfg.show:
-                (tokens, stats), secs = timed(lambda: jacobi_decode(
-                    m, prompt, max_new_tokens, n, enc.eot_token, guess, cfg.seed), device)
+                (tokens, stats), secs = timed(jacobi, device)
                 if cfg.show:
                     print(f"--- {name}: Jacobi decoding, n={n} ---")
                     show_trajectory(enc, stats, colour)
                 print(decode_text(enc, tokens))  # (--show is for reading, not timing)
                 print(stats_line(stats.tokens, stats.forwards, None if cfg.show else secs))
             else:
-                tokens, secs = timed(lambda: greedy_decode(m, prompt, max_new_tokens, enc.eot_token), device)
+                tokens, secs = timed(greedy, device)
                 print(decode_text(enc, tokens))
                 print(stats_line(len(tokens), len(tokens), secs))
 

@@ -28,8 +28,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from common import (configure, encode_prompts, get_lr, load_checkpoint, note_changed_settings,
-                    optimizer_step, refuse_to_overwrite, run, save_checkpoint, setup_device,
+from common import (configure, encode_prompts, load_checkpoint, note_changed_settings,
+                    optimizer_step, refuse_to_overwrite, run, save_checkpoint, set_lr, setup_device,
                     tokenizer_fingerprint)
 from data.common import (context_length, ensure_prepared, generation_length, load_encoding,
                          load_meta, load_records, load_tokens)
@@ -227,9 +227,7 @@ def main(argv):
             t0, last_log = time.time(), iter_num  # the evaluation is not training time
             if stopped:
                 break
-        lr = get_lr(iter_num, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters or max_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(optimizer, iter_num, cfg, max_iters)
         starts = random_starts(splits["train"], block_size, cfg.batch_size, batch_gen)
         mine = ddp.my_share(starts, world, per_process * cfg.grad_accum)  # ddp
         loss_sum = 0.0

@@ -29,9 +29,9 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from common import (configure, encode_prompts, fingerprint, get_lr, load_checkpoint, load_model,
+from common import (configure, encode_prompts, fingerprint, load_checkpoint, load_model,
                     note_changed_settings, optimizer_step, refuse_to_overwrite, run, save_checkpoint,
-                    setup_device, tokenizer_fingerprint)
+                    set_lr, setup_device, tokenizer_fingerprint)
 from data.common import (ensure_prepared, generation_length, load_encoding, load_meta, load_records,
                          trajectory_length)
 from extras import ddp
@@ -378,14 +378,17 @@ def main(argv):
 
     def evaluate_and_save():
         """Evaluate on the val prompts; last.pt always, ckpt.pt when the guard has a new best."""
-        nonlocal stopped, last_eval, eval_secs
+        nonlocal stopped, last_eval, eval_secs, first
         last_eval = iter_num
         rng = ddp.all_gather(torch.get_rng_state(), world)  # every process's RNG, for resuming
         if world.master:
-            t = time.time()
-            e = first if iter_num == 0 and first else evaluate(model, enc, val_prompts, val_records, cfg,
-                                                               meta["metric"], cfg.max_new_tokens, device)
-            eval_secs = eval_secs if e is first else time.time() - t
+            if first is not None:  # iteration 0 of a fresh run: the target's evaluation, above
+                e, first = first, None
+            else:
+                t = time.time()
+                e = evaluate(model, enc, val_prompts, val_records, cfg, meta["metric"], cfg.max_new_tokens,
+                             device)
+                eval_secs = time.time() - t
             curve.append(dict(iter=iter_num, train_minutes=round(train_secs / 60, 2), **e))
             best, problems, stop = guard(curve, tolerance, cfg.guard_patience)
             print(describe(curve[-1], meta["metric"], len(val_records), eval_secs,
@@ -411,9 +414,7 @@ def main(argv):
             t0, last_log = time.time(), iter_num
             if stopped:
                 break
-        lr = get_lr(iter_num, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(optimizer, iter_num, cfg, cfg.max_iters)
         step_start = time.time()
         idx = torch.randint(len(records), (cfg.batch_size,), generator=batch_gen).tolist()
         picked = [records[i] for i in idx]

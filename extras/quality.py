@@ -26,6 +26,8 @@ QUALITY_TOLERANCE = dict(answer_loss=0.05,  # nats of held-out answer loss more 
                          quality=0.05,      # accuracy / parse rate / exact match less
                          repeated=0.05)     # more of the outputs repeating a token REPEAT_LIMIT times
 REPEAT_LIMIT = 10
+WEAK_ANSWER_LOSS = 1.0  # nats per answer token: above it a model is not competent at its task
+QUALITY_NAMES = {"accuracy": "accuracy", "parse": "parse rate", "exact": "exact match", "loss": None}
 
 
 def tolerance_of(settings):
@@ -33,8 +35,6 @@ def tolerance_of(settings):
     max_loss_rise, max_quality_drop, max_repeat_rise), QUALITY_TOLERANCE where one is missing."""
     names = dict(answer_loss="max_loss_rise", quality="max_quality_drop", repeated="max_repeat_rise")
     return {k: settings.get(names[k], v) for k, v in QUALITY_TOLERANCE.items()}
-WEAK_ANSWER_LOSS = 1.0  # nats per answer token: above it a model is not competent at its task
-QUALITY_NAMES = {"accuracy": "accuracy", "parse": "parse rate", "exact": "exact match", "loss": None}
 
 
 @torch.no_grad()
