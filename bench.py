@@ -6,12 +6,16 @@ verdict. Without a run of your own it measures the models shipped in pretrained/
     python bench.py                          # target vs CLLM on 100 held-out prompts
     python bench.py --ns="[8, 16, 32]" --blocks=2 --lookup --test_prompts=200 --threads=1
     python bench.py --cllm_dir=out-cllm-pycode
+    python bench.py --cllm_dir=out-cllm-arith --control_dir=out-cllm-arith-control   # + the AR-only control
     python bench.py --random                 # an untrained model of nanoGPT's CPU size
     python bench.py --dtype=bfloat16         # half precision (exactness is then not guaranteed)
 
 How the rows are timed: extras/table.py. The verdict judges a CLLM's speed only at its target's
-quality (extras/quality.py): a row outside the tolerance is marked, and its speedup not called
-usable. Prints a markdown table and the verdict, and writes JSON.
+quality, or at the AR-only control's when --control_dir gives one (extras/quality.py, one rule:
+QUALITY_TOLERANCE): a row outside the tolerance is marked, and its speedup not called usable.
+Under the table each model's quality is compared with the target's on the same prompts (the
+prompts one gets right and the other wrong). Prints a markdown table and the verdict, and writes
+JSON.
 """
 
 import json
@@ -23,7 +27,6 @@ import torch
 
 from common import configure, find_checkpoint, fingerprint, load_model, run, setup_device
 from data.common import generation_length, load_encoding, load_meta, load_records
-from extras.quality import tolerance_of
 from extras.table import environment, held_out_comparison, markdown_table, measure, methods_for
 from model import GPT, GPTConfig
 
@@ -32,6 +35,8 @@ from model import GPT, GPTConfig
 class BenchConfig:
     cllm_dir: str = "out-cllm-arith"  # a checkpoint folder (a CLLM's brings its target along);
                                       # the shipped CLLM until you have run train_cllm.py
+    control_dir: str = ""             # also the AR-only control of that CLLM (train_cllm.py
+                                      # --states_per_block=0): its last.pt, judged against
     random: bool = False              # an untrained model of nanoGPT's CPU size instead
     ns: list = field(default_factory=list)  # Jacobi block sizes; empty: the CLLM's n
     blocks: int = 0                   # also the sliding window over blocks * n tokens (0: not)
@@ -52,8 +57,8 @@ RANDOM_NS, RANDOM_PROMPT_LEN = [4, 8, 16, 32], 32
 
 
 def trained_models(cfg, device):
-    """The CLLM and its target (or a lone target), the checkpoint's dataset and settings, and the
-    quality tolerance it was distilled with."""
+    """The CLLM and its target (or a lone target), and the AR-only control when control_dir is
+    set; the checkpoint's dataset and settings."""
     path = find_checkpoint(cfg.cllm_dir)
     model, ckpt = load_model(path, device)
     models = {"target": model}
@@ -64,7 +69,13 @@ def trained_models(cfg, device):
             print(f"WARNING: {target_path} is not the model this CLLM was distilled from (it was "
                   "trained again since?): the comparison is not with its own target")
         models = {"target": target, "CLLM": model}
-    return models, ckpt["dataset"], ckpt["config"], tolerance_of(ckpt["config"])
+    if cfg.control_dir:
+        control, saved = load_model(os.path.join(cfg.control_dir, "last.pt"), device, ckpt["dataset"])
+        if saved["config"].get("states_per_block") != 0 or saved.get("target") != ckpt.get("target"):
+            raise ValueError(f"{cfg.control_dir} is not an AR-only control of {cfg.cllm_dir}: make one with "
+                             "the CLLM's command and --states_per_block=0 --out_dir=" + cfg.control_dir)
+        models["control"] = control
+    return models, ckpt["dataset"], ckpt["config"]
 
 
 def main(argv):
@@ -87,7 +98,7 @@ def main(argv):
         results = measure(models, prompts, {"random": methods}, max_new_tokens, None, cfg.warmup)
         text = markdown_table(results)
     else:
-        models, dataset, trained, tolerance = trained_models(cfg, device)
+        models, dataset, trained = trained_models(cfg, device)
         models = {k: m.to(dtype) for k, m in models.items()}
         meta, enc = load_meta(dataset), load_encoding(dataset)
         records = load_records(dataset, "test")[:cfg.test_prompts]
@@ -98,7 +109,7 @@ def main(argv):
                               cfg.blocks, cfg.lookup, trained.get("guess", "prefix"))
         results, text = held_out_comparison(models, enc, records, meta["metric"],
                                             {name: methods for name in models}, max_new_tokens,
-                                            device, cfg.warmup, tolerance)
+                                            device, cfg.warmup)
     print(text)
     with open(cfg.json_out, "w") as f:
         json.dump(dict(argv=argv, config=asdict(cfg), environment=env, results=results), f, indent=1)

@@ -19,8 +19,9 @@ import torch
 from common import encode_prompts, load_checkpoint
 from data.common import load_records
 from extras.decoders import prompt_lookup_decode, sliding_window_jacobi_decode
-from extras.quality import (QUALITY_NAMES, QUALITY_TOLERANCE, answer_loss, mean_score,
-                            quality_problems, repetition_rate, verdict)
+from extras.quality import (BASELINES, QUALITY_NAMES, QUALITY_TOLERANCE, answer_loss, baseline_of,
+                            paired, paired_line, quality_problems, repetition_rate, task_scores,
+                            verdict)
 from jacobi import greedy_decode, jacobi_decode
 
 
@@ -127,23 +128,26 @@ def measure(models, prompts, methods, max_new_tokens, eos_id=None, warmup=2, qua
 
 
 def quality_measure(enc, records, metric, max_new_tokens, device):
-    """quality(model, outputs) for measure(): the task's score, the answer loss, the repetition."""
+    """quality(model, outputs) for measure(): the task's score (the mean, and each prompt's),
+    the answer loss, the repetition."""
     def quality(model, outputs):
-        return dict(quality=mean_score(metric, records, [torch.tensor(o) for o in outputs], enc),
+        scores = task_scores(metric, records, [torch.tensor(o) for o in outputs], enc)
+        return dict(quality=sum(scores) / len(scores) if scores else None, scores=scores,
                     answer_loss=answer_loss(model, enc, records, max_new_tokens, device),
                     repeated=repetition_rate(outputs))
     return quality
 
 
 def markdown_table(results, quality_name=None, tolerance=QUALITY_TOLERANCE):
-    """The table, with a mark on every row of a model whose quality is outside the tolerance."""
-    base = results.get("target", {}).get("AR")
+    """The table, with a mark on every row of a model whose quality is outside the tolerance of
+    its baseline's (the target's, or the AR-only control's: baseline_of)."""
+    against, base = baseline_of(results)
     head = "| model | method | tokens/forward | tokens/s (median) | speedup vs AR | == AR |"
     head += f" {quality_name} |" if quality_name else ""
     head += " answer loss | repetitive | fast-fwd | stationary |" if base else " fast-fwd | stationary |"
     lines = [head, "|" + "---|" * head.count(" |")]
     for model_name, methods in results.items():
-        fell = base is not None and model_name != "target" and quality_problems(methods["AR"], base, tolerance)
+        fell = base is not None and model_name not in BASELINES and quality_problems(methods["AR"], base, tolerance)
         for name, s in methods.items():
             line = (f"| {model_name} | {name} | {s['tokens_per_forward']:.2f} | {s['tokens_per_s']:.1f} | "
                     f"{s.get('speedup', 1.0):.2f}x | {s.get('exact', '-')} |")
@@ -167,22 +171,38 @@ def held_out_comparison(models, enc, records, metric, methods, max_new_tokens, d
                         tolerance=QUALITY_TOLERANCE):
     """{name: model} on held-out records: AR and each model's methods ({model name: {method:
     decode}}) interleaved per prompt, with the task's quality, the answer loss and the repetition
-    rate. Returns (results, table and verdict as text); a CLLM whose quality fell is marked."""
+    rate. Returns (results, table and verdict as text); a CLLM whose quality fell is marked.
+    Under the table, each model's quality against the target's, paired on the same prompts."""
     prompts = encode_prompts(enc, records, next(iter(models.values())), max_new_tokens, device)
     results = measure(models, prompts, methods, max_new_tokens, enc.eot_token, warmup,
                       quality_measure(enc, records, metric, max_new_tokens, device))
-    base = results.get("target", {}).get("AR")
+    against, base = baseline_of(results)
+    lines = []
     for name, summaries in results.items():
-        problems = quality_problems(summaries["AR"], base, tolerance) if base and name != "target" else []
+        judged = base is not None and name not in BASELINES
+        problems = quality_problems(summaries["AR"], base, tolerance, against) if judged else []
+        pairs = {b: paired(results[b]["AR"]["scores"], summaries["AR"]["scores"])
+                 for b in BASELINES if b in results and b != name and results[b]["AR"]["scores"]
+                 and name != "target"}
+        for b, pair in pairs.items():
+            lines.append(f"{name} vs {b}, {QUALITY_NAMES[metric]} on the same {len(records)} prompts: "
+                         f"{paired_line(pair, 'the ' + b)}"
+                         + (f"; the verdict allows {100 * tolerance['quality']:g} point less" if judged
+                            and b == against else ""))
         for s in summaries.values():
             s["quality_within_tolerance"] = not problems
-    text = markdown_table(results, QUALITY_NAMES[metric], tolerance) + "\n" + "\n".join(verdict(results, tolerance))
+            s["paired"] = pairs
+    for s in (s for summaries in results.values() for s in summaries.values()):
+        s.pop("scores", None)  # per prompt, used by the pairs above; the JSON keeps the counts
+    text = "\n".join([markdown_table(results, QUALITY_NAMES[metric], tolerance), *lines,
+                      *verdict(results, tolerance)])
     return results, text
 
 
-def report(cfg, target, target_ckpt, enc, meta, curve, stopped, tolerance, max_new_tokens, device):
+def report(cfg, target, target_ckpt, enc, meta, curve, stopped, max_new_tokens, device):
     """The end of train_cllm.py: the held-out table with the model the guard chose
-    (out_dir/ckpt.pt), the curve, and results.json."""
+    (out_dir/ckpt.pt), the curve, and results.json. The verdict is bench.py's, at
+    QUALITY_TOLERANCE, whatever tolerance the guard ran with."""
     model, chosen = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
     best = next(c for c in curve if c["iter"] == chosen["iter_num"])
     print(f"\nthe CLLM is ckpt.pt, iteration {chosen['iter_num']}: the most tokens/forward on the val "
@@ -200,10 +220,9 @@ def report(cfg, target, target_ckpt, enc, meta, curve, stopped, tolerance, max_n
                        CLLM=methods_for([cfg.n], max_new_tokens, enc.eot_token, cfg.blocks, cfg.lookup,
                                         cfg.guess))
         results, text = held_out_comparison({"target": target, "CLLM": model}, enc, test_records,
-                                            meta["metric"], methods, max_new_tokens, device,
-                                            tolerance=tolerance)
+                                            meta["metric"], methods, max_new_tokens, device)
         print(text)
-        note = quality_gain_note(target_ckpt, meta["metric"], results, tolerance)
+        note = quality_gain_note(target_ckpt, meta["metric"], results, cfg.out_dir)
         if note:
             print(note)
     print("training curve (val prompts): " + ", ".join(
@@ -214,16 +233,17 @@ def report(cfg, target, target_ckpt, enc, meta, curve, stopped, tolerance, max_n
     with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
         json.dump(dict(config=asdict(cfg), environment=environment(device), metric=meta["metric"],
                        results=results, curve=curve, chosen_iter=chosen["iter_num"], stopped=stopped,
-                       verdict=verdict(results, tolerance) if results else []), f, indent=1)
+                       verdict=verdict(results) if results else []), f, indent=1)
     return results
 
 
-def quality_gain_note(target_ckpt, metric, results, tolerance):
+def quality_gain_note(target_ckpt, metric, results, out_dir, tolerance=QUALITY_TOLERANCE):
     """A note when the CLLM answers better than its target. Distillation's AR loss trains on the
     data's answers, so part of such a gain is further training, not consistency distillation; more
-    so when the target ended its training with its val loss still falling (its best checkpoint is
-    its last iteration). The note says how to measure the part: the same run with the AR loss
-    alone (--states_per_block=0), whose gain docs/own-data.md reports for arith and SQL."""
+    so when the target's best checkpoint is its last iteration (it was still improving). The note
+    names the measure of that part, the AR-only control (the same run with --states_per_block=0),
+    and the bench.py command that puts the control's number in the table and judges the CLLM
+    against it."""
     cllm, base = results["CLLM"]["AR"], results["target"]["AR"]
     higher = (cllm["quality"] or 0) - (base["quality"] or 0) > tolerance["quality"]
     if not (higher or base["answer_loss"] - cllm["answer_loss"] > tolerance["answer_loss"]):
@@ -231,12 +251,15 @@ def quality_gain_note(target_ckpt, metric, results, tolerance):
     change = (f"{QUALITY_NAMES[metric]} {base['quality']:.3f} -> {cllm['quality']:.3f}" if higher else
               f"answer loss {base['answer_loss']:.3f} -> {cllm['answer_loss']:.3f}")
     last = target_ckpt.get("max_iters", target_ckpt.get("config", {}).get("max_iters"))
-    still = (f" The target's val loss was still falling when its training ended (iteration {last}): "
+    still = (f" The target was still improving when its training ended (iteration {last}): "
              "a target trained to its plateau (python train.py) is the fairer baseline."
              if target_ckpt.get("iter_num") == last else "")
+    control = f"{out_dir.rstrip('/')}-control"
     return (f"note: the CLLM answers better than its target ({change}). Its AR loss trains on the "
-            f"data's answers, so part of that is further training, not distillation.{still} The same "
-            "run with --states_per_block=0 (the AR loss alone; compare its last.pt) measures that part "
+            f"data's answers, so part of that is further training, not distillation.{still} The AR-only "
+            f"control measures that part: the same command with --states_per_block=0 --out_dir={control}, "
+            f"then python bench.py --cllm_dir={out_dir} --control_dir={control} puts the control's "
+            f"{QUALITY_NAMES[metric] or 'answer loss'} in the table and judges the CLLM against it "
             "(docs/own-data.md).")
 
 

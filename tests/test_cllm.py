@@ -224,7 +224,7 @@ def test_states_per_block_0_is_the_ar_loss_alone():
     gradients are ar_weight times the mean cross-entropy of the data's answers after their
     prompts, computed here with one plain forward per record. The command line takes 0, and the
     draws use the random stream as a CLLM run's do, so the two runs see the same batches."""
-    cfg = configure(CLLMConfig(), ["--states_per_block=0", "--ar_weight=3.0"])
+    cfg = configure(CLLMConfig(), ["--states_per_block=0", "--ar_weight=3.0", "--ar_target=ground_truth"])
     with pytest.raises(ValueError, match="states_per_block"):
         configure(CLLMConfig(), ["--states_per_block=-1"])
     g = torch.Generator().manual_seed(3)

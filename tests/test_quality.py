@@ -97,3 +97,59 @@ def test_verdict_on_a_weak_target():
         "target Jacobi n=16: 0.70x its own AR at 1.03 tokens/forward: does not pay here, a forward "
         "costs 1.40x one of AR's. Try: train a better target first (answer loss 3.55: little to "
         "accelerate)."]
+
+
+# ----------------------------------------------------------------------------------------------
+# the judge: a paired comparison on the same prompts, a 1-point tolerance
+
+def test_paired_comparison_counts_and_standard_error():
+    """Worked by hand: 10 prompts, the model loses prompts 1 and 7 and gains prompt 4. The
+    differences are 0 seven times, -1 twice, +1 once: mean -0.1, sample variance
+    (7 * 0.01 + 2 * 0.81 + 1.21) / 9 = 0.32222, standard error sqrt(0.32222 / 10) = 0.17951."""
+    from extras.quality import paired, paired_line
+    base = [1, 1, 1, 1, 0, 0, 1, 1, 1, 1]
+    model = [1, 0, 1, 1, 1, 0, 1, 0, 1, 1]
+    pair = paired(base, model)
+    assert (pair["prompts"], pair["lost"], pair["gained"]) == (10, 2, 1)
+    assert pair["change"] == pytest.approx(-0.1) and pair["se"] == pytest.approx(0.17951, abs=1e-5)
+    assert paired_line(pair) == ("2 of 10 prompts right by the target and wrong by the model, 1 the "
+                                 "reverse: -10.0 points +- 18.0 (one standard error)")
+    with pytest.raises(ValueError):
+        paired(base, model[:-1])  # not the same prompts
+
+
+def verdict_of(target, cllm, control=None, loss=0.001):
+    results = {"target": {"AR": row(1.0, 1.0, loss, target), "Jacobi n=16": row(0.8, 1.1, loss, target, 1.4)},
+               "CLLM": {"AR": row(1.0, 1.0, loss, cllm), "Jacobi n=16": row(2.5, 4.0, loss, cllm, 1.6)}}
+    if control is not None:
+        results["control"] = {"AR": row(1.0, 1.0, loss, control), "Jacobi n=16": row(0.8, 1.1, loss, control, 1.4)}
+    return verdict(results)[1]
+
+
+def test_the_verdict_sees_a_two_point_loss():
+    """The default rule (QUALITY_TOLERANCE, 1 point): the CLLM 4.8 points below a 0.996 target
+    (test prompts, distilled with the old defaults) and one 2 points below lose quality; half a
+    point below keeps it. With the AR-only control in the table, the CLLM is judged against it:
+    the old shipped CLLM (0.832) gains on its target (0.762) but falls short of its control (0.920)."""
+    assert "but quality fell (quality 0.948 vs the target's 0.996)" in verdict_of(0.996, 0.948)
+    assert "but quality fell (quality 0.976 vs the target's 0.996)" in verdict_of(0.996, 0.976)
+    assert verdict_of(0.996, 0.991).endswith("quality kept: it pays here.")
+    assert verdict_of(0.762, 0.832).endswith("quality kept: it pays here.")
+    assert "but quality fell (quality 0.832 vs the control's 0.920)" in verdict_of(0.762, 0.832, 0.920)
+
+
+def test_the_guard_refuses_a_lost_val_prompt():
+    """On 50 val prompts one prompt is 2 points: a checkpoint that loses one, on balance, against a
+    target that answers all 50, is outside the tolerance however fast it is; one that loses one
+    and gains another is within it. The message gives the paired counts."""
+    from extras.quality import guard
+    target = [1] * 49 + [0]
+    lost_one = [0] + [1] * 48 + [0]
+    swapped = [0] + [1] * 49
+    curve = [dict(tokens_per_forward=1.1, answer_loss=0.001, quality=0.98, repeated=0.0, scores=target),
+             dict(tokens_per_forward=3.0, answer_loss=0.002, quality=0.98, repeated=0.0, scores=swapped),
+             dict(tokens_per_forward=4.5, answer_loss=0.002, quality=0.96, repeated=0.0, scores=lost_one)]
+    best, problems, _ = guard(curve, QUALITY_TOLERANCE, patience=3)
+    assert best == 1
+    assert problems == ["quality 0.960 vs the target's 0.980 (1 of 50 prompts right by the target and "
+                        "wrong by the model, 0 the reverse: -2.0 points +- 2.0 (one standard error))"]

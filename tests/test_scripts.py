@@ -75,6 +75,32 @@ def test_bench_trained_and_random(tiny_cllm, tmp_path, capsys):
     assert "| random | Jacobi n=4 |" in capsys.readouterr().out
 
 
+def test_bench_with_the_ar_only_control(tiny_target, tiny_cllm, tmp_path, capsys):
+    """--control_dir adds the AR-only control (the CLLM's run with --states_per_block=0, its
+    last.pt) as a model of the table; the CLLM is compared with both on the same prompts and judged
+    against the control. A folder that holds no control of this CLLM is refused."""
+    import train_cllm
+    data, target = tiny_target
+    control = str(tmp_path / "control")
+    train_cllm.main([f"--dataset={data}", f"--target_dir={target}", f"--out_dir={control}", "--n=4",
+                     "--num_prompts=8", "--traj_max_new_tokens=16", "--batch_size=4", "--max_iters=2",
+                     "--val_prompts=2", "--max_new_tokens=16", "--test_prompts=0",
+                     "--repeat_limit=1000", "--force", "--states_per_block=0"])
+    capsys.readouterr()
+    out = tmp_path / "b.json"
+    bench.main([f"--cllm_dir={tiny_cllm}", f"--control_dir={control}", "--test_prompts=3",
+                "--max_new_tokens=8", "--warmup=0", f"--json_out={out}"])
+    printed = capsys.readouterr().out
+    assert "| control | AR |" in printed
+    assert "CLLM vs target, accuracy on the same 3 prompts:" in printed
+    assert "CLLM vs control, accuracy on the same 3 prompts:" in printed
+    pairs = json.loads(out.read_text())["results"]["CLLM"]["AR"]["paired"]
+    assert set(pairs) == {"target", "control"} and pairs["control"]["prompts"] == 3
+    with pytest.raises(ValueError, match="is not an AR-only control"):
+        bench.main([f"--cllm_dir={tiny_cllm}", f"--control_dir={tiny_cllm}", "--test_prompts=1",
+                    f"--json_out={out}"])
+
+
 def test_gpu_run_script_smoke(tmp_path):
     """scripts/gpu_run.sh --smoke: the GPU run's every step, with its settings (bf16 autocast in
     training, the bf16 table; torch.compile is checked by tests/test_model.py), at toy sizes on the

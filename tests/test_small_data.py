@@ -1,5 +1,5 @@
-# Small data: train.py trains until the val loss stops improving (patience, an evaluation every
-# epoch), train_cllm.py checks the target before distilling it, caps the trajectories of outputs
+# Small data: train.py trains until the val answer loss (the val loss without val prompts) stops
+# improving (patience, an evaluation every epoch), train_cllm.py checks the target before distilling it, caps the trajectories of outputs
 # that never end, and says early what the run will cost.
 # Run: python -m pytest -q tests/test_small_data.py
 import math
@@ -51,11 +51,34 @@ def test_training_stops_when_the_val_loss_stops_improving(small, tmp_path, capsy
     assert "iter 2000" not in log
 
 
+def test_the_val_answer_loss_judges_when_there_are_val_prompts(small, tmp_path, capsys):
+    """With val prompts, ckpt.pt and the stop are judged by the loss of the val answers given their
+    prompts, not by the loss over the whole text: the best printed val answer loss is the one
+    ckpt.pt holds, and it is the answer loss of ckpt.pt's model on those prompts, computed again
+    here (extras/quality.answer_loss, checked by hand in tests/test_quality.py)."""
+    from common import load_checkpoint
+    from data.common import generation_length, load_encoding, load_meta, load_records
+    from extras.quality import answer_loss
+    out = str(tmp_path / "target")
+    train.main(small_target_args(small, out, val_prompts=4))
+    log = capsys.readouterr().out
+    stop = re.search(r"stopped at iteration (\d+): 3 evaluations without a better val answer loss; "
+                     r"the best, ([\d.]+) at iteration (\d+), is ckpt.pt", log)
+    assert stop, log
+    judged = [float(v) for v in re.findall(r"val answer loss ([\d.]+)", log)]
+    assert min(judged) == float(stop[2]) and judged.index(min(judged)) == len(judged) - 4
+    model, saved = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert saved["iter_num"] == int(stop[3])
+    records = load_records(small, "val")[:4]
+    again = answer_loss(model, load_encoding(small), records, generation_length(load_meta(small), 64), "cpu")
+    assert again == pytest.approx(saved["val_judged"], rel=1e-6) and round(again, 4) == float(stop[2])
+
+
 def test_max_iters_still_bounds_training_and_says_so(small, tmp_path, capsys):
     train.main(small_target_args(small, str(tmp_path / "t"), max_iters=3, learning_rate=1e-3,
                                  min_lr=1e-3))
     log = capsys.readouterr().out
-    assert "stopped at" not in log and "max_iters, with the val loss still improving" in log
+    assert "stopped at" not in log and "max_iters, with the val loss still improving" in log  # (val_prompts=0)
 
 
 def test_an_unfit_target_is_refused_before_its_trajectories(tiny_target, tmp_path, capsys):
@@ -120,21 +143,23 @@ def test_the_cost_line_adds_up():
 
 def test_a_gain_over_the_target_is_called_further_training():
     """The CLLM answers better than its target: the table says the AR loss can account for part
-    of it and how to measure that, and, when the target's best checkpoint is its last iteration
-    (its val loss still falling), that the target had not finished training."""
+    of it, names the AR-only control and the bench.py command that puts its number in the table,
+    and, when the target's best checkpoint is its last iteration, that the target was still
+    improving."""
     from extras.table import quality_gain_note
     tolerance = dict(answer_loss=0.05, quality=0.05, repeated=0.05)
     row = lambda q, loss: dict(quality=q, answer_loss=loss)
     better = {"target": {"AR": row(0.76, 0.020)}, "CLLM": {"AR": row(0.83, 0.018)}}
     same = {"target": {"AR": row(0.76, 0.020)}, "CLLM": {"AR": row(0.78, 0.019)}}
     still = dict(iter_num=1500, config=dict(max_iters=1500))
-    note = quality_gain_note(still, "accuracy", better, tolerance)
-    assert "(accuracy 0.760 -> 0.830)" in note and "--states_per_block=0" in note
-    assert "still falling when its training ended (iteration 1500)" in note
-    assert quality_gain_note(still, "accuracy", same, tolerance) is None  # no gain to explain
+    note = quality_gain_note(still, "accuracy", better, "out-x", tolerance)
+    assert "(accuracy 0.760 -> 0.830)" in note and "--states_per_block=0 --out_dir=out-x-control" in note
+    assert "python bench.py --cllm_dir=out-x --control_dir=out-x-control" in note
+    assert "still improving when its training ended (iteration 1500)" in note
+    assert quality_gain_note(still, "accuracy", same, "out-x", tolerance) is None  # no gain to explain
     plateau = dict(iter_num=420, max_iters=1500, config=dict(max_iters=1500))  # patience ended it
-    note = quality_gain_note(plateau, "accuracy", better, tolerance)
-    assert "--states_per_block=0" in note and "still falling" not in note
+    note = quality_gain_note(plateau, "accuracy", better, "out-x", tolerance)
+    assert "--states_per_block=0" in note and "still improving" not in note
     lower_loss = {"target": {"AR": row(None, 2.43)}, "CLLM": {"AR": row(None, 1.90)}}
     assert "(answer loss 2.430 -> 1.900)" in quality_gain_note(dict(iter_num=145, max_iters=145),
-                                                               "loss", lower_loss, tolerance)
+                                                               "loss", lower_loss, "out-x", tolerance)
