@@ -87,7 +87,7 @@ def test_label_smoothing_of_the_ar_loss():
     for eps in (0.0, 0.1, 0.3):
         torch.testing.assert_close(ar_loss(logits, labels, eps).double(),
                                    smoothed_cross_entropy(logits, labels, eps))
-    cfg = CLLMConfig(label_smoothing=0.1)
+    cfg = CLLMConfig(label_smoothing=0.1, ar_target="ground_truth")
     records = [fake_record(g), fake_record(g, blocks=((4, 2),), prompt_len=3, answer_len=4)]
     model = make_model(seed=5)
     by_hand_logits, by_hand_labels = [], []
