@@ -35,8 +35,8 @@ from model import GPT, GPTConfig
 class BenchConfig:
     cllm_dir: str = "out-cllm-arith"  # a checkpoint folder (a CLLM's brings its target along);
                                       # the shipped CLLM until you have run train_cllm.py
-    control_dir: str = ""             # also the AR-only control of that CLLM (train_cllm.py
-                                      # --states_per_block=0): its last.pt, judged against
+    control_dir: str = ""             # an AR-only control to judge the CLLM against (its last.pt)
+                                      # (train_cllm.py --states_per_block=0, same settings)
     random: bool = False              # an untrained model of nanoGPT's CPU size instead
     ns: list = field(default_factory=list)  # Jacobi block sizes; empty: the CLLM's n
     blocks: int = 0                   # also the sliding window over blocks * n tokens (0: not)

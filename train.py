@@ -1,7 +1,7 @@
 """
 Pretrain the target model: the ordinary AR model that train_cllm.py distils into a CLLM.
 
-    python train.py                                # arith on a CPU, ~10 minutes
+    python train.py                                # arith on a CPU, ~35 minutes
     python train.py config/train_pycode.py         # the stdlib-code target
     python train.py config/train_arith_gpu.py      # a larger target on one GPU
     python train.py --init_from=resume             # continue out_dir/last.pt exactly
@@ -61,7 +61,7 @@ class TrainConfig:
     batch_size: int = 32         # windows per iteration, over all processes and micro-steps
     grad_accum: int = 1          # micro-steps per iteration; under torchrun each process takes
                                  # batch_size / (processes * grad_accum) windows per micro-step
-    max_iters: int = 6000        # optimizer steps (arith learns its answers by ~4,500)
+    max_iters: int = 6000        # optimizer steps (arith's answers are learned by ~5,000)
     max_epochs: float = 0.0      # cap max_iters at this many passes over the train tokens (0: no
                                  # cap: patience ends training on small data)
     learning_rate: float = 3e-3  # after warmup_iters, cosine decay to min_lr
