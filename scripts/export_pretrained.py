@@ -28,7 +28,8 @@ KEEP = ("model_args", "config", "dataset", "kind", "iter_num", "max_iters", "tar
 class ExportConfig:
     src: str = ""                 # a run's folder: its ckpt.pt is exported
     dst: str = ""                 # pretrained/<name>
-    made_by: str = ""             # the commands that made it, for the manifest
+    made_by: str = ""             # the commands that made it, the last one exactly as run:
+                                  # tests/test_pretrained.py checks today's defaults against it
     table: str = ""               # a bench.py JSON of the shipped target and CLLM: into the manifests
 
 
