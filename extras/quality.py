@@ -62,10 +62,14 @@ def task_scores(metric, records, outputs, enc):
     return scores if scores and scores[0] is not None else None
 
 
+def mean(scores):
+    """The mean of task_scores; None where there are none (metric 'loss')."""
+    return sum(scores) / len(scores) if scores else None
+
+
 def mean_score(metric, records, outputs, enc):
     """The task's score of generated tokens, averaged over records; None for 'loss'."""
-    scores = task_scores(metric, records, outputs, enc)
-    return sum(scores) / len(scores) if scores else None
+    return mean(task_scores(metric, records, outputs, enc))
 
 
 def paired(base_scores, scores):
@@ -124,7 +128,7 @@ def evaluate(model, enc, prompts, records, cfg, metric, max_new_tokens, device):
     return dict(tokens_per_forward=tokens / max(forwards, 1),
                 window_tokens_per_forward=tokens / max(window_forwards, 1) if cfg.blocks else None,
                 repeated=repetition_rate(lists, cfg.repeat_limit),
-                quality=sum(scores) / len(scores) if scores else None, scores=scores,
+                quality=mean(scores), scores=scores,
                 answer_loss=answer_loss(model, enc, records, max_new_tokens, device),
                 ended=sum(enc.eot_token in o for o in lists) / max(len(lists), 1))
 

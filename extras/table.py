@@ -20,8 +20,8 @@ from common import encode_prompts, load_checkpoint
 from data.common import load_records
 from extras.decoders import prompt_lookup_decode, sliding_window_jacobi_decode
 from extras.quality import (BASELINES, QUALITY_NAMES, QUALITY_TOLERANCE, answer_loss, baseline_of,
-                            paired, paired_line, quality_problems, repetition_rate, task_scores,
-                            verdict)
+                            mean, paired, paired_line, quality_problems, repetition_rate,
+                            task_scores, verdict)
 from jacobi import greedy_decode, jacobi_decode
 
 
@@ -132,7 +132,7 @@ def quality_measure(enc, records, metric, max_new_tokens, device):
     the answer loss, the repetition."""
     def quality(model, outputs):
         scores = task_scores(metric, records, [torch.tensor(o) for o in outputs], enc)
-        return dict(quality=sum(scores) / len(scores) if scores else None, scores=scores,
+        return dict(quality=mean(scores), scores=scores,
                     answer_loss=answer_loss(model, enc, records, max_new_tokens, device),
                     repeated=repetition_rate(outputs))
     return quality
@@ -181,9 +181,9 @@ def held_out_comparison(models, enc, records, metric, methods, max_new_tokens, d
     for name, summaries in results.items():
         judged = base is not None and name not in BASELINES
         problems = quality_problems(summaries["AR"], base, tolerance, against) if judged else []
-        pairs = {b: paired(results[b]["AR"]["scores"], summaries["AR"]["scores"])
-                 for b in BASELINES if b in results and b != name and results[b]["AR"]["scores"]
-                 and name != "target"}
+        others = [b for b in BASELINES if b in results and b != name and results[b]["AR"]["scores"]]
+        pairs = {} if name == "target" else {
+            b: paired(results[b]["AR"]["scores"], summaries["AR"]["scores"]) for b in others}
         for b, pair in pairs.items():
             lines.append(f"{name} vs {b}, {QUALITY_NAMES[metric]} on the same {len(records)} prompts: "
                          f"{paired_line(pair, 'the ' + b)}"
