@@ -7,6 +7,7 @@ verdict. Without a run of your own it measures the models shipped in pretrained/
     python bench.py --ns="[8, 16, 32]" --blocks=2 --lookup --test_prompts=200 --threads=1
     python bench.py --cllm_dir=out-cllm-pycode
     python bench.py --cllm_dir=out-cllm-arith --control_dir=out-cllm-arith-control   # + the AR-only control
+    python bench.py --compare_dirs="[out-jf]" --multiblock   # + another CLLM, Jacobi Forcing's decoders
     python bench.py --random                 # an untrained model of nanoGPT's CPU size
     python bench.py --dtype=bfloat16         # half precision (exactness is then not guaranteed)
 
@@ -37,9 +38,13 @@ class BenchConfig:
                                       # the shipped CLLM until you have run train_cllm.py
     control_dir: str = ""             # an AR-only control to judge the CLLM against (its last.pt)
                                       # (train_cllm.py --states_per_block=0, same settings)
+    compare_dirs: list = field(default_factory=list)  # more CLLMs of the same target (e.g. the
+                                      # other recipe), in the same table, named by their folder
     random: bool = False              # an untrained model of nanoGPT's CPU size instead
     ns: list = field(default_factory=list)  # Jacobi block sizes; empty: the CLLM's n
     blocks: int = 0                   # also the sliding window over blocks * n tokens (0: not)
+    multiblock: bool = False          # also Jacobi Forcing's multi-block decoding, without and with
+                                      # rejection recycling (extras/decoders.py)
     lookup: bool = False              # also prompt-lookup decoding (training-free)
     test_prompts: int = 100           # held-out (test) prompts
     max_new_tokens: int = 0           # 0: from the data (data/common.generation_length)
@@ -75,6 +80,12 @@ def trained_models(cfg, device):
             raise ValueError(f"{cfg.control_dir} is not an AR-only control of {cfg.cllm_dir}: make one with "
                              "the CLLM's command and --states_per_block=0 --out_dir=" + cfg.control_dir)
         models["control"] = control
+    for folder in cfg.compare_dirs:
+        other, saved = load_model(find_checkpoint(folder), device, ckpt["dataset"])
+        if saved.get("target") != ckpt.get("target"):
+            raise ValueError(f"{folder} was not distilled from the target of {cfg.cllm_dir}: a table "
+                             "compares the CLLMs of one target")
+        models[os.path.basename(folder.rstrip("/"))] = other
     return models, ckpt["dataset"], ckpt["config"]
 
 
@@ -94,7 +105,8 @@ def main(argv):
         print(f"random model, {models['random'].num_params() / 1e6:.2f}M parameters, "
               f"{len(prompts)} random {RANDOM_PROMPT_LEN}-token prompts\n{env}")
         max_new_tokens = cfg.max_new_tokens or 128
-        methods = methods_for(cfg.ns or RANDOM_NS, max_new_tokens, None, cfg.blocks, cfg.lookup)
+        methods = methods_for(cfg.ns or RANDOM_NS, max_new_tokens, None, cfg.blocks, cfg.lookup,
+                              multiblock=cfg.multiblock)
         results = measure(models, prompts, {"random": methods}, max_new_tokens, None, cfg.warmup)
         text = markdown_table(results)
     else:
@@ -106,7 +118,7 @@ def main(argv):
         max_new_tokens = cfg.max_new_tokens or generation_length(meta, context)
         print(f"{', '.join(models)} on {len(records)} held-out prompts of {dataset}\n{env}")
         methods = methods_for(cfg.ns or [trained.get("n", 16)], max_new_tokens, enc.eot_token,
-                              cfg.blocks, cfg.lookup, trained.get("guess", "prefix"))
+                              cfg.blocks, cfg.lookup, trained.get("guess", "prefix"), cfg.multiblock)
         results, text = held_out_comparison(models, enc, records, meta["metric"],
                                             {name: methods for name in models}, max_new_tokens,
                                             device, cfg.warmup)

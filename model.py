@@ -39,17 +39,26 @@ class KVCache:
 
     def update(self, layer, input_pos, k, v, S):
         """Write k, v (B, nh, T, hs) at slots input_pos: a range (consecutive slots, the same for
-        every row), or a tensor (B, T) with a position per row. Return the live slots
-        (B, nh, S, hs), S = the last position + 1: no query looks further."""
+        every row), or a tensor (B, T) with a position per row. A batch of B rows uses the cache's
+        first B rows. Return the live slots (B, nh, S, hs), S = the last position + 1: no query
+        looks further."""
+        B = k.size(0)
         k, v = k.to(self.k[layer].dtype), v.to(self.v[layer].dtype)
         if isinstance(input_pos, range):
-            self.k[layer][:, :, input_pos.start:input_pos.stop] = k
-            self.v[layer][:, :, input_pos.start:input_pos.stop] = v
+            self.k[layer][:B, :, input_pos.start:input_pos.stop] = k
+            self.v[layer][:B, :, input_pos.start:input_pos.stop] = v
         else:
             slots = input_pos[:, None, :, None].expand_as(k)  # (B, nh, T, hs)
-            self.k[layer].scatter_(2, slots, k)
-            self.v[layer].scatter_(2, slots, v)
-        return self.k[layer][:, :, :S], self.v[layer][:, :, :S]
+            self.k[layer][:B].scatter_(2, slots, k)
+            self.v[layer][:B].scatter_(2, slots, v)
+        return self.k[layer][:B, :, :S], self.v[layer][:B, :, :S]
+
+    def copy_row(self, row, start, stop):
+        """Give every row the keys and values of `row` at slots start .. stop-1 (a decoder that
+        verifies several drafts as rows keeps the winning row's committed slots)."""
+        for k, v in zip(self.k, self.v):
+            k[:, :, start:stop] = k[row, :, start:stop]
+            v[:, :, start:stop] = v[row, :, start:stop]
 
     def keep_rows(self, rows):
         """Drop the rows of finished sequences (rows: indices of those that go on)."""

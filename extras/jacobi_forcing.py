@@ -2,11 +2,12 @@
 Extra (a learner may skip it): the states that Jacobi Forcing (Hu, Kou et al. 2025, the same
 lab's successor to CLLMs) trains on, for `python train_cllm.py --recipe=jacobi_forcing`.
 
-The CLLM recipe shows the model one state of one block after the clean prefix prompt + y*_<k.
-Jacobi Forcing shows it a *noisy stream*: a state of every block, block k seen after the prompt
-and the earlier *noisy* blocks, which is what a decoder meets when it refines several blocks at
-once. The loss is train_cllm.py's, unchanged: a stream is one choice (0, [j_1, j_2, ..]) for
-train_cllm.consistency_pair. How this departs from Jacobi Forcing's released recipe is listed in
+The CLLM recipe shows the model states of one block at a time, each after the clean prefix
+prompt + y*_<k. Jacobi Forcing shows it a *noisy stream*: a state of every block, block k seen
+after the prompt and the earlier *noisy* blocks, which is what a decoder meets when it refines
+several blocks at once. The loss is train_cllm.py's: a stream is one choice (0, [j_1, j_2, ..])
+for train_cllm.consistency_pair, and its consistency is masked block by block
+(train_cllm.kept_columns). How this departs from Jacobi Forcing's released recipe is listed in
 docs/recipes.md.
 """
 

@@ -18,7 +18,8 @@ import torch
 
 from common import encode_prompts, load_checkpoint
 from data.common import load_records
-from extras.decoders import prompt_lookup_decode, sliding_window_jacobi_decode
+from extras.decoders import (RECYCLING_POOL, multiblock_decode, prompt_lookup_decode,
+                             sliding_window_jacobi_decode)
 from extras.quality import (BASELINES, QUALITY_NAMES, QUALITY_TOLERANCE, answer_loss, baseline_of,
                             mean, paired, paired_line, quality_problems, repetition_rate,
                             task_scores, verdict)
@@ -38,18 +39,24 @@ def timed(fn, device):
     return out, time.perf_counter() - t0
 
 
-def methods_for(ns, max_new_tokens, eos_id, blocks=0, lookup=False, guess="prefix"):
+def methods_for(ns, max_new_tokens, eos_id, blocks=0, lookup=False, guess="prefix", multiblock=False):
     """{method name: decode(model, prompt) -> (tokens, stats)}: Jacobi at each n, and optionally
-    the sliding window (at the first n) and prompt lookup. guess: the initial guess (the one the
-    CLLM was trained with)."""
-    out = {f"Jacobi n={n}": partial(jacobi_decode, max_new_tokens=max_new_tokens, n=n, eos_id=eos_id,
-                                    guess=guess) for n in ns}
-    if blocks:
-        out[f"sliding window {blocks}x{ns[0]}"] = partial(
-            sliding_window_jacobi_decode, max_new_tokens=max_new_tokens, n=ns[0], blocks=blocks,
-            eos_id=eos_id, guess=guess)
+    at each n the sliding window and Jacobi Forcing's multi-block decoding (its K, r and pool
+    size: multiblock_decode's defaults) without and with rejection recycling, and prompt lookup.
+    guess: the initial guess (the one the CLLM was trained with)."""
+    common = dict(max_new_tokens=max_new_tokens, eos_id=eos_id)
+    out = {}
+    for n in ns:
+        out[f"Jacobi n={n}"] = partial(jacobi_decode, n=n, guess=guess, **common)
+        if blocks:
+            out[f"sliding window {blocks}x{n}"] = partial(sliding_window_jacobi_decode, n=n, blocks=blocks,
+                                                          guess=guess, **common)
+        if multiblock:
+            out[f"multi-block n={n}"] = partial(multiblock_decode, n=n, guess=guess, **common)
+            out[f"multi-block + recycling n={n}"] = partial(multiblock_decode, n=n, pool_size=RECYCLING_POOL,
+                                                            guess=guess, **common)
     if lookup:
-        out["prompt lookup"] = partial(prompt_lookup_decode, max_new_tokens=max_new_tokens, eos_id=eos_id)
+        out["prompt lookup"] = partial(prompt_lookup_decode, **common)
     return out
 
 

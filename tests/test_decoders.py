@@ -1,13 +1,16 @@
-# Tests of extras/decoders.py: prompt lookup and the sliding window are exactly greedy decoding.
+# Tests of extras/decoders.py: prompt lookup, the sliding window and Jacobi Forcing's multi-block
+# decoding (with and without rejection recycling) are exactly greedy decoding.
 # Run: python -m pytest -q tests/test_decoders.py   (on a GPU too: add --device=cuda; every input
 # is built with conftest's helpers, on DEVICE)
 import itertools
+from collections import deque
 
 import pytest
 
 from conftest import committed_per_pass, make_model, random_prompt, recorded_forwards, tensor
-from extras.decoders import lookup_draft, prompt_lookup_decode, sliding_window_jacobi_decode
-from jacobi import greedy_decode
+from extras.decoders import (lookup_draft, multiblock_decode, prompt_lookup_decode, recycled,
+                             sliding_window_jacobi_decode)
+from jacobi import greedy_decode, jacobi_decode
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,11 @@ def test_decoders_equal_greedy_fuzz(models, model_key, P, n, seed):
     prompt = random_prompt(P, seed=100 * n + seed, vocab_size=vocab)
     check(models[model_key], prompt, 11 + 5 * seed,
           lookup=lambda *a, **k: prompt_lookup_decode(*a, **k, ngram=1 + seed, draft_len=n),
-          window=lambda *a, **k: sliding_window_jacobi_decode(*a, **k, n=n, blocks=1 + seed, seed=seed))
+          window=lambda *a, **k: sliding_window_jacobi_decode(*a, **k, n=n, blocks=1 + seed, seed=seed),
+          multiblock=lambda *a, **k: multiblock_decode(*a, **k, n=n, K=1 + seed, r=(0.85, 0.3, 0.5)[seed],
+                                                       seed=seed),
+          recycling=lambda *a, **k: multiblock_decode(*a, **k, n=n, K=1 + seed % 2, pool_size=2 + seed,
+                                                      seed=seed))
 
 
 @pytest.mark.parametrize("n", [1, 3, 16])
@@ -53,7 +60,9 @@ def test_eos_inside_a_draft(models, n):
         eos_id = int(free[len(free) // 2])
         greedy = check(model, prompt, 40, eos_id,
                        lookup=lambda *a, **k: prompt_lookup_decode(*a, **k, draft_len=n),
-                       window=lambda *a, **k: sliding_window_jacobi_decode(*a, **k, n=n, seed=seed))
+                       window=lambda *a, **k: sliding_window_jacobi_decode(*a, **k, n=n, seed=seed),
+                       multiblock=lambda *a, **k: multiblock_decode(*a, **k, n=n, r=0.3, pool_size=4,
+                                                                    seed=seed))
         assert greedy[-1] == eos_id and eos_id not in greedy[:-1].tolist()
 
 
@@ -61,7 +70,8 @@ def test_eos_inside_a_draft(models, n):
 def test_decoders_stop_at_the_context_limit(models, P):
     greedy = check(models["repetitive"], random_prompt(P, seed=P, vocab_size=6), 1000,
                    lookup=prompt_lookup_decode,
-                   window=lambda *a, **k: sliding_window_jacobi_decode(*a, **k, n=16, blocks=3))
+                   window=lambda *a, **k: sliding_window_jacobi_decode(*a, **k, n=16, blocks=3),
+                   multiblock=lambda *a, **k: multiblock_decode(*a, **k, n=16, K=3, r=0.3, pool_size=4))
     assert len(greedy) == 64 - P
 
 
@@ -90,3 +100,54 @@ def test_the_sliding_window_commits_past_its_first_block():
     tokens, stats = sliding_window_jacobi_decode(model, prompt, 8, n=n, blocks=2)
     assert tokens.tolist() == [3] * 8
     assert stats.accepted == [1, 7] and max(stats.accepted) > n
+
+
+def test_the_multiblock_decoder_keeps_the_promoted_blocks_draft():
+    """On test_jacobi.constant_model (always 3), n = 8, r = 0.1: the first pass commits one token
+    and makes the active block's tail 3s; that is ceil(0.1 * 8) = 1 accepted token, so a
+    pseudo-active block is spawned after it, drafted from that tail (3s) and one guess. The
+    second pass confirms the tail (7 tokens, never past the active block) and refines the pseudo
+    block to all 3s; promoted, it is verified whole by the third pass: 16 tokens in 3 passes,
+    where plain Jacobi (K = 1) starts the second block from a fresh guess and needs 4."""
+    from test_jacobi import constant_model
+    model, prompt = constant_model(), tensor([1, 2, 4, 5])
+    tokens, stats = multiblock_decode(model, prompt, 16, n=8, K=2, r=0.1)
+    assert tokens.tolist() == [3] * 16 and stats.accepted == [1, 7, 8]
+    assert multiblock_decode(model, prompt, 16, n=8, K=1, r=0.1)[1].accepted == [1, 7, 1, 7]
+
+
+@pytest.mark.parametrize("n", [1, 4, 16])
+def test_one_block_without_a_pool_is_jacobi_decoding(models, n):
+    for seed in range(3):
+        prompt = random_prompt(6, seed=seed)
+        plain = jacobi_decode(models[1.0], prompt, 30, n=n, seed=seed)
+        multi = multiblock_decode(models[1.0], prompt, 30, n=n, K=1, seed=seed)
+        assert multi[0].tolist() == plain[0].tolist() and multi[1].accepted == plain[1].accepted
+
+
+def test_recycled_candidates_by_hand():
+    pool = deque([[5, 1, 2, 3], [9, 9], [7, 1, 4, 4, 4], [1, 8]], maxlen=4)
+    # every entry but the newest ([1, 8]), newest first: after the first 1 in each, cut to the
+    # tail's 3 tokens or completed with the tail's own: [4, 4, 4], then [2, 3] + [6]
+    assert recycled(pool, 1, [6, 6, 6]) == [[4, 4, 4], [2, 3, 6]]
+    assert recycled(pool, 9, [6, 6, 6]) == []                    # one candidate is not used
+    assert recycled(pool, 4, [4, 4]) == []                       # two found, both the tail itself
+    assert recycled(deque([[1, 2], [1, 2], [0]]), 1, [5]) == [[2]]  # found twice, run once
+
+
+def test_recycling_verifies_candidates_as_extra_rows(models):
+    """On the repetitive model some passes carry candidate rows, and some of those commit more
+    than the plain draft would: the decoding takes other passes than without a pool, with the
+    same tokens (exactness is checked by the fuzz above)."""
+    model, rows, differ = models["repetitive"], [], 0
+    hook = model.register_forward_pre_hook(lambda m, args: rows.append(args[0].size(0)))
+    try:
+        for seed in range(6):
+            prompt = random_prompt(8, seed=seed, vocab_size=6)
+            with_pool = multiblock_decode(model, prompt, 50, n=8, pool_size=4, seed=seed)
+            without = multiblock_decode(model, prompt, 50, n=8, seed=seed)
+            assert with_pool[0].tolist() == without[0].tolist()
+            differ += with_pool[1].accepted != without[1].accepted
+    finally:
+        hook.remove()
+    assert max(rows) > 1 and differ > 0

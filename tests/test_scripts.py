@@ -2,6 +2,7 @@
 # Run: python -m pytest -q tests/test_scripts.py
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -73,6 +74,25 @@ def test_bench_trained_and_random(tiny_cllm, tmp_path, capsys):
     bench.main(["--random", "--test_prompts=2", "--max_new_tokens=6", "--ns=[4]", "--warmup=0",
                 f"--json_out={out}"])
     assert "| random | Jacobi n=4 |" in capsys.readouterr().out
+
+
+def test_bench_compares_cllms_of_one_target_with_jacobi_forcings_decoders(tiny_target, tiny_cllm, tmp_path,
+                                                                          capsys):
+    """--compare_dirs puts more CLLMs of the same target in the table (named by their folder),
+    --multiblock adds Jacobi Forcing's decoders at every n; a model of another target is refused."""
+    data, target = tiny_target
+    other = str(tmp_path / "other")
+    shutil.copytree(tiny_cllm, other)
+    out = tmp_path / "b.json"
+    bench.main([f"--cllm_dir={tiny_cllm}", f"--compare_dirs=['{other}']", "--multiblock", "--ns=[2, 4]",
+                "--test_prompts=2", "--max_new_tokens=8", "--warmup=0", f"--json_out={out}"])
+    printed = capsys.readouterr().out
+    assert "| other | multi-block n=2 |" in printed and "| CLLM | multi-block + recycling n=4 |" in printed
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"target", "CLLM", "other"}
+    assert all(row["exact"] == "2/2" for m in results.values() for k, row in m.items() if k != "AR")
+    with pytest.raises(ValueError, match="not distilled from the target"):
+        bench.main([f"--cllm_dir={tiny_cllm}", f"--compare_dirs=['{target}']", f"--json_out={out}"])
 
 
 def test_bench_with_the_ar_only_control(tiny_target, tiny_cllm, tmp_path, capsys):
