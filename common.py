@@ -1,5 +1,5 @@
 """
-What the scripts share: their settings, the device, checkpoints, and prompts as tokens. The
+What the scripts share: their settings, interrupts, the device, checkpoints, prompts as tokens. The
 scripts (train.py, train_cllm.py, sample.py, bench.py) are leaves: nothing imports them.
 
 Settings, nanoGPT-style: defaults in one dataclass at the top of each script, the one source of
@@ -9,9 +9,10 @@ truth, overridden by config files (plain Python in config/) and then by --key=va
     python sample.py --jacobi                      # a bare --flag sets a True/False setting
     python train_cllm.py --help                    # every setting, its default and its meaning
 
-Unknown keys, values of the wrong type, a value outside a setting's choices (a Literal type) and
-a count below its least value (AT_LEAST) are errors that name the problem, raised before anything
-expensive runs.
+Unknown keys, values of the wrong type, a value outside a setting's choices (a Literal type) or
+its range (AT_LEAST, BELOW) and a config file that does not parse or run are errors that name the
+problem, raised before anything expensive runs. train.py and train_cllm.py then check them against
+the model and the data (their check_settings, check_context here).
 """
 
 import ast
@@ -21,7 +22,11 @@ import inspect
 import math
 import os
 import re
+import shlex
+import signal
 import sys
+import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import asdict, fields, replace
 from typing import Literal, get_args, get_origin
@@ -40,7 +45,9 @@ AT_LEAST = dict(n=1, ns=1, max_new_tokens=0, traj_max_new_tokens=0, num_prompts=
                 learning_rate=0.0, min_lr=0.0, weight_decay=0.0, grad_clip=0.0, dropout=0.0,
                 ar_weight=0.0, label_smoothing=0.0, val_frac=0.0, test_frac=0.0, grad_accum=1,
                 max_epochs=0.0, max_loss_rise=0.0, max_quality_drop=0.0, max_repeat_rise=0.0,
-                guard_patience=0, blocks=0, horizon=0)
+                guard_patience=0, blocks=0, horizon=0, patience=0, max_chars=1, max_files=0)
+# Settings that must stay below a bound: probabilities and fractions.
+BELOW = dict(dropout=1.0, label_smoothing=1.0, val_frac=1.0, test_frac=1.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,7 +82,7 @@ def _parse_value(key, text, default):
 
 
 def check(cfg):
-    """Every setting within its choices and its least value."""
+    """Every setting within its choices and its range."""
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if get_origin(f.type) is Literal and value not in get_args(f.type):
@@ -85,7 +92,33 @@ def check(cfg):
         for v in (value if isinstance(value, list) else [value]):
             if least is not None and not (isinstance(v, (int, float)) and v >= least):
                 raise ValueError(f"{f.name} must be at least {least}, got {value!r}")
+        if f.name in BELOW and not value < BELOW[f.name]:
+            raise ValueError(f"{f.name} must be below {BELOW[f.name]}, got {value!r}")
     return cfg
+
+
+def read_config_file(path):
+    """The names a config file assigns. A file that does not parse or run is an error that names
+    its line; a config file is plain Python: `name = value` lines."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} not found (settings look like "
+                                "--key=value; config files live in config/)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            code = compile(f.read(), path, "exec")
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {path} is not UTF-8 text") from None
+    except SyntaxError as e:
+        raise ValueError(f"config file {path}, line {e.lineno}: {e.msg}: "
+                         f"{(e.text or '').strip()}") from None
+    scope = {}
+    try:
+        exec(code, scope)
+    except Exception as e:
+        frame = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == path][-1]
+        raise ValueError(f"config file {path}, line {frame.lineno}: {type(e).__name__}: {e}: "
+                         f"{frame.line}") from None
+    return scope
 
 
 def settings_help(cfg):
@@ -115,18 +148,15 @@ def configure(cfg, argv):
         sys.exit(0)
     for arg in argv:
         if not arg.startswith("--"):
-            if not os.path.isfile(arg):
-                raise FileNotFoundError(f"config file {arg!r} not found (settings look like "
-                                        "--key=value; config files live in config/)")
-            scope = {}
-            with open(arg) as f:
-                exec(f.read(), scope)
-            for key, value in scope.items():
+            for key, value in read_config_file(arg).items():
                 if key.startswith("_") or callable(value) or type(value).__name__ == "module":
                     continue  # __builtins__, imports and helper functions are not settings
                 if not hasattr(cfg, key):
-                    raise _unknown(key, cfg)
-                cfg = replace(cfg, **{key: _typed(key, value, getattr(cfg, key))})
+                    raise ValueError(f"config file {arg}: {_unknown(key, cfg)}")
+                try:
+                    cfg = replace(cfg, **{key: _typed(key, value, getattr(cfg, key))})
+                except ValueError as e:
+                    raise ValueError(f"config file {arg}: {e}") from None
         else:
             key, eq, text = arg[2:].partition("=")
             if not hasattr(cfg, key):
@@ -140,13 +170,17 @@ def configure(cfg, argv):
 
 def run(main):
     """Run a script's main(argv). A bad setting, a missing file or a bad input is reported in one
-    line that says what to do, not in a traceback. Output is line-buffered, so that progress
-    shows at once also when it goes to a pipe or a file (python train_cllm.py | tee log)."""
+    line that says what to do, not in a traceback; so is Ctrl-C where no loop saves first
+    (Interrupt). Output is line-buffered, so that progress shows at once also when it goes to a
+    pipe or a file (python train_cllm.py | tee log)."""
     sys.stdout.reconfigure(line_buffering=True)
     try:
         main(sys.argv[1:])
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:
+        print(f"interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 def note_changed_settings(saved, cfg):
@@ -156,6 +190,53 @@ def note_changed_settings(saved, cfg):
     changed.pop("init_from", None)
     if changed:
         print(f"resuming with settings that differ from the checkpoint's (saved, now): {changed}")
+
+
+# ----------------------------------------------------------------------------------------------
+# interrupts: a person's Ctrl-C or a scheduler's SIGTERM stops a run between two steps
+
+class Interrupt:
+    """Inside `with Interrupt(...) as interrupt:`, SIGINT (Ctrl-C) and SIGTERM (what a scheduler
+    sends before it kills a job) only set interrupt.signal. The loop reads it once per step, and
+    when it is set saves what it needs to go on and calls interrupt.exit, which prints where the
+    run stopped and the command that continues it. A second signal stops at once: checkpoints are
+    written atomically (save_checkpoint), so none is left half-written."""
+
+    def __init__(self, script, argv, world_size=1, master=True):
+        self.script, self.argv, self.world_size, self.master = script, list(argv), world_size, master
+        self.signal, self.at = None, 0.0
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.signal is None:
+            self.signal, self.at = signal.Signals(signum), time.monotonic()
+            if self.master:  # (os.write: print is not safe inside a signal handler)
+                os.write(2, f"\n{self.signal.name}: saving after this step (another one stops at "
+                            "once)\n".encode())
+        elif time.monotonic() - self.at > 1.0:  # (sooner: the same Ctrl-C, passed on by torchrun)
+            raise KeyboardInterrupt("stopped at once; the files saved so far are intact")
+
+    def command(self, resume):
+        """The command line that goes on: this one, with --init_from=resume when resume."""
+        args = ([a for a in self.argv if not a.startswith("--init_from=")] + ["--init_from=resume"]
+                if resume else self.argv)
+        launcher = (["python", self.script] if self.world_size == 1 else
+                    ["torchrun", "--standalone", f"--nproc_per_node={self.world_size}", self.script, "--"])
+        return shlex.join(launcher + args)
+
+    def exit(self, signum, where, resume=True):
+        """Say where the run stopped and how to go on; exit with the signal's status (128 + its
+        number, as a shell reports a process it stopped)."""
+        if self.master:
+            print(f"{signal.Signals(signum).name}: {where}; go on with: {self.command(resume)}")
+        sys.exit(128 + signum)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,24 +397,53 @@ def fingerprint(*parts):
 # ----------------------------------------------------------------------------------------------
 # prompts and answers as tokens
 
-def prompt_budget(model, max_new_tokens):
+def prompt_budget(context, max_new_tokens):
     """How many prompt tokens generation keeps: the context minus the tokens to generate, but at
     least half the context."""
-    context = model.config.block_size
     return max(context - max_new_tokens, context // 2)
 
 
 def encode_prompts(enc, records, model, max_new_tokens, device, what="prompts", say=print):
     """Token ids of every record's prompt, cropped from the left to prompt_budget tokens, saying how
     many prompts were cropped (the model then never sees their beginning)."""
-    keep = prompt_budget(model, max_new_tokens)
+    keep = prompt_budget(model.config.block_size, max_new_tokens)
     ids = [enc.encode_ordinary(r["prompt"]) for r in records]
-    cropped = sum(len(i) > keep for i in ids)
-    if cropped:
-        say(f"note: {cropped} of {len(records)} {what} are longer than {keep} tokens and were cropped "
+    lost = [len(i) - keep for i in ids if len(i) > keep]
+    if lost:
+        say(f"note: {len(lost)} of {len(records)} {what} are longer than {keep} tokens and were cropped "
             f"to their last {keep} (context {model.config.block_size}, max_new_tokens "
-            f"{max_new_tokens}): a larger --block_size (train.py) keeps more")
+            f"{max_new_tokens}), losing {sum(lost) / len(lost):.0f} tokens on average, {max(lost)} at "
+            "most: a larger --block_size (train.py) keeps more")
     return [torch.tensor(i[-keep:], dtype=torch.long, device=device) for i in ids]
+
+
+def check_context(meta, context, max_new_tokens, what, fix, say=print, setting="max_new_tokens"):
+    """Refuse a context in which the data's task cannot be learned: the median record (prompt +
+    answer) longer than the context, which the model then never sees whole, or the median prompt
+    longer than generation keeps (prompt_budget). Note when more than 5% of the records or most
+    answers do not fit. what: the context as the message names it; fix: what to change;
+    setting: the one that sets max_new_tokens."""
+    lengths = meta.get("lengths")
+    if not lengths:
+        return  # (a dataset prepared by an older version: no lengths to check against)
+    total, prompt, answer = lengths["total"], lengths["prompt"], lengths["answer"]
+    name = meta["name"]
+    if total["p50"] > context:
+        raise ValueError(f"{what} cannot hold most of {name}'s records (prompt + answer: "
+                         f"{total['p50']} tokens at the median, {total['p95']} for 95%): the model "
+                         f"would never see them whole, nor learn to answer; {fix}")
+    keep = prompt_budget(context, max_new_tokens)
+    if prompt["p50"] > keep:
+        raise ValueError(f"{what} leaves a prompt {keep} tokens when {max_new_tokens} are generated "
+                         f"({setting}): most of {name}'s prompts are longer (median {prompt['p50']} "
+                         f"tokens) and would lose their beginning; lower --{setting} to "
+                         f"{context - prompt['p50']} at most, or {fix}")
+    if total["p95"] > context:
+        say(f"note: more than 5% of {name}'s records are longer than {what}: 95% fit in "
+            f"{total['p95']} tokens, the longest has {total['max']}; the model never sees those whole")
+    if answer["p50"] > max_new_tokens:
+        say(f"note: most of {name}'s answers are longer than the {max_new_tokens} tokens generated "
+            f"(median {answer['p50']} tokens, with the end of text): their ends are never generated")
 
 
 def decode_text(enc, tokens):

@@ -12,9 +12,11 @@ Pretrain the target model: the ordinary AR model that train_cllm.py distils into
 nanoGPT's train.py, compact: random windows of the dataset's token stream, AdamW, warm-up +
 cosine learning rate, gradient clipping, train/val loss every eval_interval iterations, and at
 the end the quality on held-out prompts. Two atomic checkpoints in out_dir: last.pt, everything
-needed to continue (weights, optimizer, RNG states, iteration, settings), which init_from=resume
-continues bit for bit; ckpt.pt, the model with the best val answer loss so far, which the other
-scripts load. The context (block_size) and the generation length come from the data when not set.
+needed to continue (weights, optimizer, RNG states, iteration, settings), written at every
+evaluation and when Ctrl-C or SIGTERM stops the run after a step, which init_from=resume continues
+bit for bit; ckpt.pt, the model with the best val answer loss so far, which the other scripts
+load. The context (block_size) and the generation length come from the data when not set, and
+are checked against it before training (check_settings).
 
 Which model is best is judged by what the task measures: the loss of the val prompts' answers
 given their prompts (extras/quality.answer_loss), not the loss over the whole text, which
@@ -33,9 +35,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from common import (configure, encode_prompts, load_checkpoint, note_changed_settings,
-                    optimizer_step, refuse_to_overwrite, run, save_checkpoint, set_lr, setup_device,
-                    tokenizer_fingerprint)
+from common import (Interrupt, check_context, configure, encode_prompts, load_checkpoint,
+                    note_changed_settings, optimizer_step, refuse_to_overwrite, run, save_checkpoint,
+                    set_lr, setup_device, tokenizer_fingerprint)
 from data.common import (context_length, ensure_prepared, generation_length, load_encoding,
                          load_meta, load_records, load_tokens)
 from extras import ddp
@@ -157,6 +159,22 @@ def training_length(cfg, train_tokens, block_size, judge, say):
     return iters, every
 
 
+def check_settings(cfg, meta, splits, block_size, say):
+    """What the model's shape and the data allow, checked before any work: each failure is an
+    error that says what to change."""
+    if cfg.init_from == "scratch" and cfg.n_embd % cfg.n_head:
+        raise ValueError(f"n_embd {cfg.n_embd} does not split into {cfg.n_head} attention heads "
+                         "(n_head): make n_embd a multiple of n_head")
+    for name, data in splits.items():
+        if len(data) < block_size + 2:
+            raise ValueError(f"the {name} split of {cfg.dataset!r} has {len(data)} tokens, fewer "
+                             f"than block_size + 2 = {block_size + 2}: lower --block_size or add data")
+    fit = context_length(meta, say=lambda *a: None)  # the data's own choice
+    check_context(meta, block_size, cfg.max_new_tokens or generation_length(meta, block_size),
+                  f"a context of {block_size} tokens (block_size)", "raise --block_size"
+                  + (f" (0 chooses it from the data: {fit})" if block_size < fit else ""), say)
+
+
 def main(argv):
     cfg = configure(TrainConfig(), argv)
     device, ctx = setup_device(cfg.device, cfg.autocast)
@@ -168,10 +186,7 @@ def main(argv):
     enc = load_encoding(cfg.dataset)
     block_size = cfg.block_size or context_length(meta, say)
     splits = {"train": load_tokens(cfg.dataset, "train"), "val": load_tokens(cfg.dataset, "val")}
-    for name, data in splits.items():
-        if len(data) < block_size + 2:
-            raise ValueError(f"the {name} split of {cfg.dataset!r} has {len(data)} tokens, fewer "
-                             f"than block_size + 2 = {block_size + 2}: lower --block_size or add data")
+    check_settings(cfg, meta, splits, block_size, say)
     torch.manual_seed(cfg.seed + world.rank)  # ddp: dropout differs from process to process
     model, optimizer, checkpoint = init_model(cfg, meta["vocab_size"], block_size, device)
     block_size = model.config.block_size
@@ -185,23 +200,38 @@ def main(argv):
     max_iters, eval_every = training_length(cfg, len(splits["train"]), block_size, judge, say)
     batch_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every process
     iter_num, best_judged, best_iter, stale = 0, float("inf"), 0, 0  # stale: evaluations since the best
+    last_eval = -1  # the iteration last evaluated
     if checkpoint is not None:  # continue exactly where the checkpoint left off
         iter_num, best_judged = checkpoint["iter_num"], checkpoint["best_judged"]
         best_iter, stale = checkpoint.get("best_iter", 0), checkpoint.get("stale_evals", 0)
+        last_eval = checkpoint.get("last_eval", iter_num)  # (an interrupt saves between evaluations)
         batch_gen.set_state(checkpoint["batch_rng"])
         ddp.restore_rng(checkpoint["torch_rng"], world)
-    resumed_at = iter_num  # where this run starts: evaluated already when resumed
     train_model = ddp.wrap(torch.compile(model) if cfg.compile else model, world, device)
     val_prompts = encode_prompts(enc, val_records, model, max_new_tokens, device, "val prompts")
     say(f"{model.num_params() / 1e6:.2f}M parameters, dataset {cfg.dataset}, context {block_size}, "
         f"device {device}" + (f" x {world.size} processes" if world.size > 1 else "")
         + f", from {cfg.init_from} at iter {iter_num}")
+    last_path, best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "ckpt.pt")
+
+    def model_state(**measured):
+        """What ckpt.pt holds: the weights, the model's shape, the settings, what was measured."""
+        return dict(model=model.state_dict(), model_args=asdict(model.config), iter_num=iter_num,
+                    config=asdict(cfg), dataset=cfg.dataset, kind="target", max_iters=max_iters,
+                    tokenizer=tokenizer, **measured)
+
+    def save_last(state, rng):
+        """last.pt: state and everything else needed to continue exactly from this iteration."""
+        save_checkpoint(last_path, dict(
+            state, optimizer=optimizer.state_dict(), best_judged=best_judged, best_iter=best_iter,
+            stale_evals=stale, last_eval=last_eval, batch_rng=batch_gen.get_state(), torch_rng=rng))
 
     def evaluate_and_checkpoint():
         """Train/val loss, val answer loss and quality; last.pt always, ckpt.pt when the judge
         (the val answer loss, or the val loss without val prompts) is the best so far. Returns the
         line that stops training once patience evaluations brought no better one."""
-        nonlocal best_judged, best_iter, stale
+        nonlocal best_judged, best_iter, stale, last_eval
+        last_eval = iter_num
         rng = ddp.all_gather(torch.get_rng_state(), world)  # ddp: every process's
         if not world.master:
             return ddp.all_gather(None, world)[0]  # ddp: rank 0 decides
@@ -216,14 +246,10 @@ def main(argv):
               + (f", val answer loss {judged:.4f}" if val_records else "")
               + (f", val {meta['metric']} {quality:.3f}" if quality is not None else "")
               + (" (best so far: ckpt.pt)" if best else f" (best {best_judged:.4f} stays in ckpt.pt)"))
-        state = dict(model=model.state_dict(), model_args=asdict(model.config), iter_num=iter_num,
-                     config=asdict(cfg), dataset=cfg.dataset, kind="target", val_loss=losses["val"],
-                     val_judged=judged, max_iters=max_iters, tokenizer=tokenizer)
-        save_checkpoint(os.path.join(cfg.out_dir, "last.pt"), dict(
-            state, optimizer=optimizer.state_dict(), best_judged=best_judged, best_iter=best_iter,
-            stale_evals=stale, batch_rng=batch_gen.get_state(), torch_rng=rng))
+        state = model_state(val_loss=losses["val"], val_judged=judged)
+        save_last(state, rng)
         if best:
-            save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), state)
+            save_checkpoint(best_path, state)
         stop = None
         if cfg.patience and stale >= cfg.patience:
             stop = (f"stopped at iteration {iter_num}: {stale} evaluations without a better val {judge}; "
@@ -231,34 +257,51 @@ def main(argv):
             print(stop)
         return ddp.all_gather(stop, world)[0]
 
+    def exit_if_interrupted(interrupt):
+        """After Ctrl-C or SIGTERM (to any process: all stop at the same step): last.pt at this
+        iteration, and the line that says how to go on."""
+        signum = ddp.first_of(interrupt.signal, world)  # ddp
+        if signum:
+            rng = ddp.all_gather(torch.get_rng_state(), world)  # ddp: every process's
+            if world.master:
+                save_last(model_state(), rng)
+            ddp.finish(world)
+            interrupt.exit(signum, f"stopped at iteration {iter_num} of {max_iters}, saved in "
+                                   f"{last_path}")
+
     t_start = t0 = time.time()
     last_log, stopped = iter_num, None
-    while iter_num < max_iters:
-        if iter_num % eval_every == 0 and iter_num != resumed_at:  # (0 when fresh)
-            stopped = evaluate_and_checkpoint()
-            t0, last_log = time.time(), iter_num  # the evaluation is not training time
-            if stopped:
-                break
-        lr = set_lr(optimizer, iter_num, cfg, max_iters)
-        starts = random_starts(splits["train"], block_size, cfg.batch_size, batch_gen)
-        mine = ddp.my_share(starts, world, per_process * cfg.grad_accum)  # ddp
-        loss_sum = 0.0
-        for (_, sync), rows in zip(ddp.micro_steps(train_model, world, cfg.grad_accum),
-                                       mine.split(per_process)):
-            with ctx, sync:  # ddp: the processes average their gradients in the last micro-step
-                _, loss = train_model(*get_batch(splits["train"], rows, block_size, device))
-                (loss / cfg.grad_accum).backward()
-            loss_sum = loss_sum + loss.detach() / cfg.grad_accum
-        optimizer_step(model, optimizer, cfg.grad_clip)
-        iter_num += 1
-        if iter_num % cfg.log_interval == 0 or iter_num == max_iters:
-            loss = ddp.all_sum([float(loss_sum)], world)[0] / world.size  # ddp: global mean
-            dt = (time.time() - t0) / (iter_num - last_log)
-            t0, last_log = time.time(), iter_num
-            say(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, time {dt * 1000:.0f}ms, "
-                f"{cfg.batch_size * block_size / dt:,.0f} tok/s, eta {(max_iters - iter_num) * dt / 60:.1f} min")
-    if not stopped and (iter_num > resumed_at or checkpoint is None):  # (resumed_at: evaluated)
-        evaluate_and_checkpoint()
+    with Interrupt("train.py", argv, world.size, world.master) as interrupt:
+        while iter_num < max_iters:
+            exit_if_interrupted(interrupt)
+            if iter_num % eval_every == 0 and iter_num != last_eval:  # (0 when fresh)
+                stopped = evaluate_and_checkpoint()
+                t0, last_log = time.time(), iter_num  # the evaluation is not training time
+                if stopped:
+                    break
+            lr = set_lr(optimizer, iter_num, cfg, max_iters)
+            starts = random_starts(splits["train"], block_size, cfg.batch_size, batch_gen)
+            mine = ddp.my_share(starts, world, per_process * cfg.grad_accum)  # ddp
+            loss_sum = 0.0
+            for (_, sync), rows in zip(ddp.micro_steps(train_model, world, cfg.grad_accum),
+                                           mine.split(per_process)):
+                with ctx, sync:  # ddp: the processes average their gradients in the last micro-step
+                    _, loss = train_model(*get_batch(splits["train"], rows, block_size, device))
+                    (loss / cfg.grad_accum).backward()
+                loss_sum = loss_sum + loss.detach() / cfg.grad_accum
+            optimizer_step(model, optimizer, cfg.grad_clip)
+            iter_num += 1
+            if iter_num % cfg.log_interval == 0 or iter_num == max_iters:
+                loss = ddp.all_sum([float(loss_sum)], world)[0] / world.size  # ddp: global mean
+                dt = (time.time() - t0) / (iter_num - last_log)
+                t0, last_log = time.time(), iter_num
+                say(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, time {dt * 1000:.0f}ms, "
+                    f"{cfg.batch_size * block_size / dt:,.0f} tok/s, "
+                    f"eta {(max_iters - iter_num) * dt / 60:.1f} min")
+        if not stopped:
+            if iter_num != last_eval:
+                evaluate_and_checkpoint()
+            exit_if_interrupted(interrupt)  # (a signal during that evaluation)
     improving = not stopped and best_iter == iter_num  # (rank 0 knows)
     say(f"trained {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min"
         + (f": max_iters, with the val {judge} still improving (a larger --max_iters may train a "

@@ -8,6 +8,9 @@ gets several tokens right per forward pass while its greedy output stays the sam
     python train_cllm.py --init_from=resume        # continue out_dir/last.pt exactly
     python train_cllm.py --help                    # every setting, its default and its meaning
 
+Ctrl-C or a scheduler's SIGTERM stops it after the current step, saved, with the command that
+goes on (common.Interrupt).
+
 Read top to bottom:
 1. trajectories: the target Jacobi-decodes the training prompts (jacobi.collect_trajectories);
    every state y^(0) .. y* of every block is kept, in out_dir/trajectories.pt:
@@ -29,9 +32,10 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from common import (configure, encode_prompts, fingerprint, load_checkpoint, load_model,
-                    note_changed_settings, optimizer_step, refuse_to_overwrite, run, save_checkpoint,
-                    set_lr, setup_device, tokenizer_fingerprint)
+from common import (Interrupt, check_context, configure, encode_prompts, fingerprint,
+                    load_checkpoint, load_model, note_changed_settings, optimizer_step,
+                    refuse_to_overwrite, run, save_checkpoint, set_lr, setup_device,
+                    tokenizer_fingerprint)
 from data.common import (ensure_prepared, generation_length, load_encoding, load_meta, load_records,
                          trajectory_length)
 from extras import ddp
@@ -311,6 +315,23 @@ def choose_states(records, cfg, generator):
 # ----------------------------------------------------------------------------------------------
 # 4. the loop
 
+def check_settings(cfg, meta, context, say):
+    """What the target's context and the data allow, checked before any work: each failure is an
+    error that says what to change."""
+    if cfg.val_prompts < 1:
+        raise ValueError("val_prompts must be at least 1: the guard chooses the CLLM by them")
+    decoded = min(cfg.traj_max_new_tokens, cfg.max_new_tokens)
+    if cfg.n > decoded:
+        raise ValueError(f"a Jacobi block of n={cfg.n} tokens is longer than the {decoded} tokens "
+                         f"decoded per prompt (traj_max_new_tokens {cfg.traj_max_new_tokens}, "
+                         f"max_new_tokens {cfg.max_new_tokens}): no block would be full; use "
+                         f"--n={decoded} or less")
+    longest = max(cfg.traj_max_new_tokens, cfg.max_new_tokens)
+    check_context(meta, context, longest, f"the target's context of {context} tokens",
+                  "train a target with a larger --block_size (python train.py)", say,
+                  setting="traj_max_new_tokens" if longest > cfg.max_new_tokens else "max_new_tokens")
+
+
 def main(argv):
     cfg = configure(CLLMConfig(), argv)
     device, autocast = setup_device(cfg.device, cfg.autocast)
@@ -318,8 +339,6 @@ def main(argv):
     say = print if world.master else lambda *a, **k: None
     per_process = ddp.per_process_batch(cfg.batch_size, cfg.grad_accum, world)
     refuse_to_overwrite(cfg.out_dir, cfg.init_from)
-    if cfg.val_prompts < 1:
-        raise ValueError("val_prompts must be at least 1: the guard chooses the CLLM by them")
     # a fresh clone prepares data/arith here (~5 s); under torchrun it must be there already
     meta = ensure_prepared(cfg.dataset) if world.size == 1 else load_meta(cfg.dataset)
     target, target_ckpt = load_model(os.path.join(cfg.target_dir, "ckpt.pt"), device, cfg.dataset, say)
@@ -327,6 +346,8 @@ def main(argv):
     context = target.config.block_size
     cfg = replace(cfg, max_new_tokens=cfg.max_new_tokens or generation_length(meta, context),
                   traj_max_new_tokens=cfg.traj_max_new_tokens or trajectory_length(meta, context, cfg.n))
+    check_settings(cfg, meta, context, say)
+    interrupt = Interrupt("train_cllm.py", argv, world.size, world.master)  # Ctrl-C, SIGTERM
     torch.manual_seed(cfg.seed + world.rank)
     target_id = fingerprint(target.state_dict())  # which target the trajectories and CLLM come from
     tokenizer = tokenizer_fingerprint(cfg.dataset)  # which tokenizer the CLLM decodes with
@@ -344,7 +365,7 @@ def main(argv):
         raise ValueError(unfit)
 
     # 1. the trajectories, collected once per target and settings
-    records = load_or_collect(cfg, target, target_id, enc, world)
+    records = load_or_collect(cfg, target, target_id, enc, world, interrupt)
     if not records:
         raise ValueError("no usable trajectories (every prompt was dropped as repetitive)")
 
@@ -357,8 +378,8 @@ def main(argv):
         model, checkpoint = load_checkpoint(last_path, device)
         note_changed_settings(checkpoint["config"], cfg)
         iter_num, curve, train_secs = checkpoint["iter_num"], checkpoint["curve"], checkpoint["train_secs"]
-        last_eval = curve[-1]["iter"]
-        if world.master and guard(curve, tolerance, cfg.guard_patience)[2]:  # the guard had stopped it
+        last_eval = curve[-1]["iter"] if curve else -1  # (an interrupt saves between evaluations)
+        if world.master and curve and guard(curve, tolerance, cfg.guard_patience)[2]:  # the guard stopped it
             stopped = stop_line(curve, cfg.guard_patience, tolerance)
             print(f"{cfg.out_dir} was stopped by the guard: {stopped}")
         stopped = ddp.all_gather(stopped, world)[0]
@@ -377,6 +398,17 @@ def main(argv):
     say(f"distilling on {len(records)} prompts ({sum(len(r['states']) for r in records)} blocks): "
         f"{loss}, from iter {iter_num} to {cfg.max_iters}")
 
+    def model_state():
+        """What ckpt.pt holds: the weights, the model's shape, the settings, the curve so far."""
+        return dict(model=model.state_dict(), model_args=asdict(model.config), iter_num=iter_num,
+                    config=asdict(cfg), dataset=cfg.dataset, kind="cllm", target=target_id,
+                    tokenizer=tokenizer, curve=curve)
+
+    def save_last(state, rng):
+        """last.pt: state and everything else needed to continue exactly from this step."""
+        save_checkpoint(last_path, dict(state, optimizer=optimizer.state_dict(), train_secs=train_secs,
+                                        batch_rng=batch_gen.get_state(), torch_rng=rng))
+
     def evaluate_and_save():
         """Evaluate on the val prompts; last.pt always, ckpt.pt when the guard has a new best."""
         nonlocal stopped, last_eval, eval_secs, first
@@ -394,12 +426,9 @@ def main(argv):
             best, problems, stop = guard(curve, tolerance, cfg.guard_patience)
             print(describe(curve[-1], meta["metric"], len(val_records), eval_secs,
                            None if best == len(curve) - 1 else curve[best]["iter"], problems))
-            state = dict(model=model.state_dict(), model_args=asdict(model.config), iter_num=iter_num,
-                         config=asdict(cfg), dataset=cfg.dataset, kind="cllm", target=target_id,
-                         tokenizer=tokenizer, curve=curve)
+            state = model_state()
             if iter_num > 0:
-                save_checkpoint(last_path, dict(state, optimizer=optimizer.state_dict(), train_secs=train_secs,
-                                                batch_rng=batch_gen.get_state(), torch_rng=rng))
+                save_last(state, rng)
             if best == len(curve) - 1:
                 save_checkpoint(best_path, state)  # the CLLM: the most tokens/forward, quality kept
             if stop:
@@ -408,45 +437,61 @@ def main(argv):
             model.train()  # (evaluate leaves it in eval mode)
         stopped = ddp.all_gather(stopped, world)[0]  # rank 0 decides
 
+    def exit_if_interrupted():
+        """After Ctrl-C or SIGTERM (to any process: all stop at the same step): last.pt at this
+        step, and the line that says how to go on."""
+        signum = ddp.first_of(interrupt.signal, world)
+        if signum:
+            rng = ddp.all_gather(torch.get_rng_state(), world)  # every process's RNG, for resuming
+            if world.master:
+                save_last(model_state(), rng)
+            ddp.finish(world)
+            interrupt.exit(signum, f"stopped at iteration {iter_num} of {cfg.max_iters}, saved in "
+                                   f"{last_path}")
+
     t0, last_log, start, start_secs = time.time(), iter_num, iter_num, train_secs
-    while iter_num < cfg.max_iters and not stopped:
-        if iter_num % cfg.eval_interval == 0 and last_eval != iter_num:
-            evaluate_and_save()
-            t0, last_log = time.time(), iter_num
-            if stopped:
-                break
-        lr = set_lr(optimizer, iter_num, cfg, cfg.max_iters)
-        step_start = time.time()
-        idx = torch.randint(len(records), (cfg.batch_size,), generator=batch_gen).tolist()
-        picked = [records[i] for i in idx]
-        choices = choose_states(picked, cfg, batch_gen)  # drawn for the whole batch by every process
-        mine = ddp.my_share(list(zip(picked, choices)), world, per_process * cfg.grad_accum)
-        rows = [pack_row(r, c, cfg, context) for r, c in mine]
-        counts = ddp.all_sum([sum(len(r.student) for r in rows),  # the whole batch's positions
-                              sum(int((r.labels != -1).sum()) for r in rows)], world)
-        terms = torch.zeros(2, device=device)  # read at the log lines only: no wait per step
-        for micro, sync in ddp.micro_steps(train_model, world, cfg.grad_accum):
-            part = rows[micro * per_process:(micro + 1) * per_process]
-            shares = (sum(len(r.student) for r in part) / max(counts[0], 1),
-                      sum(int((r.labels != -1).sum()) for r in part) / max(counts[1], 1))
-            with autocast, sync:
-                loss, l_c, l_ar = distillation_loss(train_model, collate(part, device), cfg, shares)
-                (loss * world.size).backward()  # DDP averages over the processes; the shares sum
-            terms += torch.stack([l_c.detach().float(), l_ar.detach().float()])
-        optimizer_step(model, optimizer, cfg.grad_clip)
-        train_secs += time.time() - step_start
-        iter_num += 1
-        if iter_num == start + 5 and world.master:  # what the rest will cost, a few steps in
-            print(cost_line(cfg, iter_num, (train_secs - start_secs) / 5, eval_secs))
-        if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-            l_c, l_ar = ddp.all_sum(terms.tolist(), world)  # the whole batch's means
-            dt = (time.time() - t0) / (iter_num - last_log)
-            t0, last_log = time.time(), iter_num
-            say(f"iter {iter_num}: loss {l_c + cfg.ar_weight * l_ar:.4f} (consistency {l_c:.4f}, "
-                f"ar {l_ar:.4f}), lr {lr:.2e}, time {dt * 1000:.0f}ms, "
-                f"eta {(cfg.max_iters - iter_num) * dt / 60:.1f} min")
-    if not stopped and last_eval != iter_num:
-        evaluate_and_save()
+    with interrupt:
+        while iter_num < cfg.max_iters and not stopped:
+            exit_if_interrupted()
+            if iter_num % cfg.eval_interval == 0 and last_eval != iter_num:
+                evaluate_and_save()
+                t0, last_log = time.time(), iter_num
+                if stopped:
+                    break
+            lr = set_lr(optimizer, iter_num, cfg, cfg.max_iters)
+            step_start = time.time()
+            idx = torch.randint(len(records), (cfg.batch_size,), generator=batch_gen).tolist()
+            picked = [records[i] for i in idx]
+            choices = choose_states(picked, cfg, batch_gen)  # drawn for the whole batch by every process
+            mine = ddp.my_share(list(zip(picked, choices)), world, per_process * cfg.grad_accum)
+            rows = [pack_row(r, c, cfg, context) for r, c in mine]
+            counts = ddp.all_sum([sum(len(r.student) for r in rows),  # the whole batch's positions
+                                  sum(int((r.labels != -1).sum()) for r in rows)], world)
+            terms = torch.zeros(2, device=device)  # read at the log lines only: no wait per step
+            for micro, sync in ddp.micro_steps(train_model, world, cfg.grad_accum):
+                part = rows[micro * per_process:(micro + 1) * per_process]
+                shares = (sum(len(r.student) for r in part) / max(counts[0], 1),
+                          sum(int((r.labels != -1).sum()) for r in part) / max(counts[1], 1))
+                with autocast, sync:
+                    loss, l_c, l_ar = distillation_loss(train_model, collate(part, device), cfg, shares)
+                    (loss * world.size).backward()  # DDP averages over the processes; the shares sum
+                terms += torch.stack([l_c.detach().float(), l_ar.detach().float()])
+            optimizer_step(model, optimizer, cfg.grad_clip)
+            train_secs += time.time() - step_start
+            iter_num += 1
+            if iter_num == start + 5 and world.master:  # what the rest will cost, a few steps in
+                print(cost_line(cfg, iter_num, (train_secs - start_secs) / 5, eval_secs))
+            if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+                l_c, l_ar = ddp.all_sum(terms.tolist(), world)  # the whole batch's means
+                dt = (time.time() - t0) / (iter_num - last_log)
+                t0, last_log = time.time(), iter_num
+                say(f"iter {iter_num}: loss {l_c + cfg.ar_weight * l_ar:.4f} (consistency {l_c:.4f}, "
+                    f"ar {l_ar:.4f}), lr {lr:.2e}, time {dt * 1000:.0f}ms, "
+                    f"eta {(cfg.max_iters - iter_num) * dt / 60:.1f} min")
+        if not stopped:
+            if last_eval != iter_num:
+                evaluate_and_save()
+            exit_if_interrupted()  # (a signal during that evaluation)
 
     # 5. the report, with the checkpoint the guard kept
     results = {}

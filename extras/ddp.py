@@ -9,6 +9,8 @@ What the scripts do with it (the lines marked `# ddp`; docs/gpu.md has the rest)
 - batch_size stays the global batch: every process draws the same batch and takes its own slice
   of it (gradient accumulation splits a slice further), so W processes see one process's batches;
 - rank 0 logs, evaluates and writes the checkpoints (the plain module's weights);
+- a signal to any process (Ctrl-C, a scheduler's SIGTERM, which torchrun passes on to every
+  process) stops them all after the same step (first_of);
 - trajectory collection is split by batches, gathered, and written once by rank 0.
 """
 
@@ -96,6 +98,12 @@ def all_gather(obj, world):
     out = [None] * world.size
     dist.all_gather_object(out, obj)
     return out
+
+
+def first_of(obj, world):
+    """The first obj that is not None over the processes (rank order), the same on every process:
+    what one of them saw (a signal) and all must act on at the same step."""
+    return next((o for o in all_gather(obj, world) if o is not None), None)
 
 
 def all_sum(values, world):

@@ -46,7 +46,7 @@ def answer_loss(model, enc, records, max_new_tokens, device):
     model.eval()
     total, count = 0.0, 0
     for r in records:
-        prompt = enc.encode_ordinary(r["prompt"])[-prompt_budget(model, max_new_tokens):]
+        prompt = enc.encode_ordinary(r["prompt"])[-prompt_budget(model.config.block_size, max_new_tokens):]
         ids = (prompt + enc.encode_ordinary(r["answer"]) + [enc.eot_token])[:model.config.block_size + 1]
         x, y = torch.tensor(ids[:-1], device=device), torch.tensor(ids[1:], device=device)
         y[:len(prompt) - 1] = -1  # no loss on the prompt itself

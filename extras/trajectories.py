@@ -10,8 +10,8 @@ splits the work between processes under torchrun.
 
 The target decodes the prompts in batches (jacobi.collect_trajectories). Prompts whose output
 repeats one token repeat_limit times are dropped, as the authors do: they teach collapse.
-Finished batches are saved to trajectories.partial<rank>.pt every half minute, so that a rerun
-after a kill goes on from there instead of starting again.
+Finished batches are saved to trajectories.partial<rank>.pt every half minute and when Ctrl-C or
+SIGTERM stops the collection, so that a rerun goes on from there instead of starting again.
 """
 
 import glob
@@ -67,11 +67,12 @@ def collect_batch(cfg, target, enc, records, ids, first):
     return kept, dropped
 
 
-def load_or_collect(cfg, target, target_id, enc, world=ddp.World()):
+def load_or_collect(cfg, target, target_id, enc, world, interrupt):
     """The trajectories of the target on the first num_prompts training prompts, from
     out_dir/trajectories.pt when it matches the current target, tokenizer and settings.
     Under torchrun each process collects every world.size-th batch; all get the whole list, and
-    rank 0 writes the same file one process would."""
+    rank 0 writes the same file one process would. After Ctrl-C or SIGTERM (common.Interrupt) the
+    finished batches are saved, and the same command goes on from them."""
     path = os.path.join(cfg.out_dir, "trajectories.pt")
     partial = os.path.join(cfg.out_dir, f"trajectories.partial{world.rank}.pt")
     meta = trajectory_meta(cfg, target_id)
@@ -88,22 +89,34 @@ def load_or_collect(cfg, target, target_id, enc, world=ddp.World()):
     for f in partials:
         batches.update(read(f, partial_meta)["batches"])  # what a killed run had finished
     starts = range(0, len(records), cfg.collect_batch)
-    todo = [s for s in starts if s not in batches][world.rank::world.size]  # ddp: my share
+    todo = [s for s in starts if s not in batches]
+    rounds = [todo[i:i + world.size] for i in range(0, len(todo), world.size)]  # ddp: one batch each
     say(f"collecting Jacobi trajectories of the target on {len(records)} training prompts "
           f"(n={cfg.n}, batches of {cfg.collect_batch})"
           + (f", {len(batches)} batches already done before" if batches else ""))
     mine = {}
     t0 = last_save = time.time()
-    for count, first in enumerate(todo, 1):
-        chunk = slice(first, first + cfg.collect_batch)
-        mine[first] = collect_batch(cfg, target, enc, records[chunk], ids[chunk], first)
-        secs = time.time() - t0
-        n_records = sum(len(p["states"]) for kept, _ in mine.values() for p in kept)
-        say(f"collect: batches {len(batches) + count * world.size}/{len(starts)}, "
-              f"{n_records / secs:.0f} records/s, eta {(len(todo) - count) * secs / count / 60:.1f} min")
-        if time.time() - last_save > SAVE_EVERY and count < len(todo):
-            save_checkpoint(partial, dict(meta=partial_meta, batches={**batches, **mine}))
-            last_save = time.time()
+    with interrupt:
+        for count, firsts in enumerate(rounds, 1):
+            signum = ddp.first_of(interrupt.signal, world)  # ddp: all stop at the same round
+            if signum:
+                save_checkpoint(partial, dict(meta=partial_meta, batches={**batches, **mine}))
+                ddp.finish(world)
+                saved = len(batches) + (count - 1) * world.size
+                interrupt.exit(signum, f"stopped collecting trajectories, {saved} of {len(starts)} batches "
+                                       f"done and saved in {cfg.out_dir}", resume=False)
+            if world.rank < len(firsts):
+                first = firsts[world.rank]
+                chunk = slice(first, first + cfg.collect_batch)
+                mine[first] = collect_batch(cfg, target, enc, records[chunk], ids[chunk], first)
+            secs = time.time() - t0
+            n_records = sum(len(p["states"]) for kept, _ in mine.values() for p in kept)
+            say(f"collect: batches {len(batches) + min(count * world.size, len(todo))}/{len(starts)}, "
+                f"{n_records / secs:.0f} records/s, "
+                f"eta {(len(rounds) - count) * secs / count / 60:.1f} min")
+            if time.time() - last_save > SAVE_EVERY and count < len(rounds):
+                save_checkpoint(partial, dict(meta=partial_meta, batches={**batches, **mine}))
+                last_save = time.time()
     for done in ddp.all_gather(mine, world):  # ddp: every process's batches
         batches.update(done)
     prompts = [p for s in starts for p in batches[s][0]]

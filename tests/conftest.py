@@ -4,6 +4,8 @@
 # tests build every input and read every output through the helpers below (make_model,
 # random_prompt, random_tokens, tensor), which put tensors on DEVICE, so that they run on any device.
 import itertools
+import os
+import signal
 from contextlib import contextmanager
 
 import pytest
@@ -69,6 +71,20 @@ def small_arith(folder, num_train, num_val, num_test):
     path = str(folder / "arith")
     prepare(settings(dict(name=path, num_train=num_train, num_val=num_val, num_test=num_test)))
     return path
+
+
+def signal_at_step(monkeypatch, module, step, signum):
+    """Send this process signum during optimizer step number `step` (counted from 1) of module's
+    loop, as Ctrl-C or a scheduler would: the loop's handler takes it, the step finishes."""
+    calls, optimizer_step = [], module.optimizer_step
+
+    def stepping(*args):
+        calls.append(1)
+        if len(calls) == step:  # (without a handler of the loop's own it would end the tests)
+            assert signal.getsignal(signum) not in (signal.SIG_DFL, signal.default_int_handler)
+            os.kill(os.getpid(), signum)
+        optimizer_step(*args)
+    monkeypatch.setattr(module, "optimizer_step", stepping)
 
 
 @contextmanager

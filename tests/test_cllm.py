@@ -8,13 +8,14 @@ import json
 import re
 import os
 import shutil
+import signal
 
 import pytest
 import torch
 
 import train_cllm
 from common import configure
-from conftest import make_model, settings
+from conftest import make_model, settings, signal_at_step
 from extras.quality import guard, stop_line
 from jacobi import collect_trajectories, greedy_decode, jacobi_decode
 from extras.jacobi_forcing import noise_ratio, noisy_streams
@@ -364,10 +365,11 @@ def cllm_args(data, target, out_dir, **overrides):
                     **overrides)
 
 
-def test_pipeline_reuses_and_refuses_trajectories_and_resumes(tiny_target, tmp_path, capsys):
-    """The whole script: collection, distillation, the table. A run stopped at 4 steps and
-    resumed to 6 reuses its trajectories and ends with the weights and curve of a straight run
-    to 6; a fresh start in its folder and a resume with other trajectory settings are refused."""
+def test_pipeline_reuses_and_refuses_trajectories_and_resumes(tiny_target, tmp_path, capsys, monkeypatch):
+    """The whole script: collection, distillation, the table. A run stopped at 4 steps (at an
+    evaluation, as by a kill after it) and one stopped by Ctrl-C at step 3 (between evaluations),
+    each resumed to 6, reuse their trajectories and end with the weights and curve of a straight
+    run to 6; a fresh start in its folder and a resume with other trajectory settings are refused."""
     data, target = tiny_target
     out = str(tmp_path / "cllm")
     results = train_cllm.main(cllm_args(data, target, out, lr_decay_iters=6))
@@ -387,11 +389,27 @@ def test_pipeline_reuses_and_refuses_trajectories_and_resumes(tiny_target, tmp_p
     with pytest.raises(ValueError, match="does not match this run.*'n': \\(4, 8\\)"):
         train_cllm.main(cllm_args(data, target, out, n=8, init_from="resume"))
     train_cllm.main(cllm_args(data, target, straight, max_iters=6, lr_decay_iters=6, test_prompts=0))
+    stopped = str(tmp_path / "stopped")  # Ctrl-C at step 3, between the evaluations at 2 and 4
+    os.makedirs(stopped)
+    shutil.copy(os.path.join(out, "trajectories.pt"), stopped)
+    args = lambda **kw: cllm_args(data, target, stopped, max_iters=6, lr_decay_iters=6, test_prompts=0, **kw)
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        signal_at_step(m, train_cllm, 3, signal.SIGINT)
+        with pytest.raises(SystemExit) as stop:
+            train_cllm.main(args())
+    assert stop.value.code == 130
+    log = capsys.readouterr().out
+    assert "iter 3: loss" in log and "iter 4: loss" not in log
+    assert log.splitlines()[-1].startswith("SIGINT: stopped at iteration 3 of 6, saved in ")
+    assert log.splitlines()[-1].endswith(" --init_from=resume")
+    train_cllm.main(args(init_from="resume"))
     a = torch.load(f"{straight}/last.pt", weights_only=False)
-    b = torch.load(f"{out}/last.pt", weights_only=False)
-    assert a["iter_num"] == b["iter_num"] == 6
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert [c["tokens_per_forward"] for c in a["curve"]] == [c["tokens_per_forward"] for c in b["curve"]]
+    for run in (out, stopped):
+        b = torch.load(f"{run}/last.pt", weights_only=False)
+        assert a["iter_num"] == b["iter_num"] == 6
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+        assert [c["tokens_per_forward"] for c in a["curve"]] == [c["tokens_per_forward"] for c in b["curve"]]
 
 
 def test_two_micro_steps_are_one_step_on_the_whole_batch(tiny_target, tmp_path, monkeypatch):

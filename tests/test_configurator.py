@@ -44,3 +44,19 @@ def test_missing_or_bad_config_file(tmp_path):
     f.write_text("learning_rate = 0.1\n")
     with pytest.raises(ValueError, match="unknown setting 'learning_rate'"):
         configure(Settings(), [str(f)])
+
+
+@pytest.mark.parametrize("text,match", [
+    ("max_iters = 5\nlr = (1e-3\n", r"c.py, line 2: '\(' was never closed: lr = \(1e-3"),
+    ("max_iters = 5\nlr = 1e-3 *\n", r"c.py, line 2: invalid syntax"),
+    ("max_iters = 5\nlr = base_lr / 2\n",
+     r"c.py, line 2: NameError: name 'base_lr' is not defined: lr = base_lr / 2"),
+    ("import os\nmax_iters = int(os.environ['NOPE_X'])\n", r"c.py, line 2: KeyError: 'NOPE_X'"),
+    ("max_iters = 1.5\n", r"c.py: setting 'max_iters' must be int, got 1.5"),
+])
+def test_a_config_file_that_does_not_parse_or_run(tmp_path, text, match):
+    """An error that names the file and its line (and the line's text), not a traceback."""
+    f = tmp_path / "c.py"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=f"config file .*{match}"):
+        configure(Settings(), [str(f)])

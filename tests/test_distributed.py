@@ -2,6 +2,7 @@
 # Run: python -m pytest -q tests/test_distributed.py
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -26,6 +27,28 @@ def torchrun(script, args, nproc=2):
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
+
+
+def torchrun_stopped(script, args, after, nproc=2):
+    """torchrun as above, sent SIGINT once a line that starts with `after` is out, as Ctrl-C in a
+    terminal sends it: to torchrun and every process (torchrun passes it on too, so each process
+    gets it twice). (its output, torchrun's exit status)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(ROOT, script), "--", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # (its own process group)
+    try:
+        out = []
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith(after):
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+        rest, _ = proc.communicate(timeout=120)  # (no process may hang)
+    finally:
+        proc.kill()
+    return "".join(out) + rest, proc.returncode
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +87,7 @@ def assert_same_weights(path_one, path_two, steps, lr):
 
 def tiny_train_args(data, out_dir):
     return [f"--dataset={data}", f"--out_dir={out_dir}", "--n_layer=1", "--n_head=2", "--n_embd=32",
-            "--block_size=64", "--batch_size=8", "--max_iters=12", "--eval_interval=6", "--eval_iters=1",
+            "--block_size=128", "--batch_size=8", "--max_iters=12", "--eval_interval=6", "--eval_iters=1",
             "--log_interval=1", "--val_prompts=0", "--test_prompts=2", "--warmup_iters=2",
             "--dropout=0.0"]
 
@@ -89,7 +112,7 @@ def test_train_on_two_processes_matches_one(tiny_target, tmp_path, capsys):
 def test_distillation_on_two_processes_matches_one(tiny_target, tmp_path, capsys):
     """Trajectories collected by 2 processes are the file 1 process writes; on 2 processes x 2
     micro-steps the distillation losses and, after 4 updates, the weights agree with 1 process's;
-    resume works under torchrun."""
+    resume works under torchrun, and so does Ctrl-C."""
     data, target = tiny_target
     args = lambda out, **kw: cllm_args(data, target, out, collect_batch=3, **kw)
     train_cllm.main(args(str(tmp_path / "one")))
@@ -105,5 +128,13 @@ def test_distillation_on_two_processes_matches_one(tiny_target, tmp_path, capsys
     for p, q in zip(a["prompts"], b["prompts"]):
         assert torch.equal(p["prompt"], q["prompt"]) and torch.equal(p["answer"], q["answer"])
         assert all(torch.equal(s, t) for s, t in zip(p["states"], q["states"]))
-    log = torchrun("train_cllm.py", args(str(tmp_path / "two"), init_from="resume", max_iters=6))
+    # resumed under torchrun, then stopped by a Ctrl-C a few steps in: every process stops after
+    # the same step, rank 0 saves it and prints how to go on
+    log, status = torchrun_stopped("train_cllm.py", args(str(tmp_path / "two"), init_from="resume",
+                                                         max_iters=1000), after="iter 6: loss")
     assert "reusing" in log and "iter 6: loss" in log and "iter 4: loss" not in log
+    stop = re.search(r"^SIGINT: stopped at iteration (\d+) of 1000, saved in (\S+); go on with: torchrun "
+                     r"--standalone --nproc_per_node=2 train_cllm.py -- .* --init_from=resume$", log, re.M)
+    assert stop and status != 0, log
+    assert torch.load(stop[2], weights_only=False)["iter_num"] == int(stop[1]) >= 6
+    assert f"iter {int(stop[1]) + 1}: loss" not in log

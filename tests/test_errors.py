@@ -3,9 +3,13 @@
 # Run: python -m pytest -q tests/test_errors.py
 import os
 import queue
+import shlex
+import signal
 import subprocess
 import sys
 import threading
+import time
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -14,8 +18,9 @@ import bench
 import sample
 import train
 import train_cllm
-from common import load_checkpoint, save_checkpoint, setup_device
+from common import check_context, load_checkpoint, save_checkpoint, setup_device
 from extras import trajectories
+from data.common import load_meta
 from data.custom.prepare import prepare as prepare_custom
 from test_cllm import cllm_args
 
@@ -33,12 +38,52 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (train_cllm.main, ["--batch_size=0"], "batch_size must be at least 1"),
     (train.main, ["--init_from=nothing"], "init_from must be one of 'scratch', 'resume', 'gpt2'"),
     (train.main, ["--max_iter=3"], "unknown setting 'max_iter'"),
+    (train.main, ["--dropout=1.0"], "dropout must be below 1.0, got 1.0"),
+    (train.main, ["--patience=-1"], "patience must be at least 0"),
+    (train_cllm.main, ["--label_smoothing=1.5"], "label_smoothing must be below 1.0"),
 ])
 def test_bad_settings_are_refused_before_any_work(main, args, match, tmp_path):
-    # out_dir/cllm_dir point at nothing: the settings are checked before a file is read
+    # out_dir/cllm_dir and dataset point at nothing: the settings are checked before a file is read
     where = {sample.main: "--out_dir", bench.main: "--cllm_dir"}.get(main, "--out_dir")
+    data = [f"--dataset={tmp_path / 'none'}"] if main in (train.main, train_cllm.main) else []
     with pytest.raises(ValueError, match=match):
-        main([f"{where}={tmp_path / 'nothing'}", *args])
+        main([f"{where}={tmp_path / 'nothing'}", *data, *args])
+
+
+def test_settings_the_model_or_the_data_cannot_satisfy(tiny_target, tmp_path):
+    """Refused before any work, each in a line that says what to change: a width the heads do not
+    split, a context that holds too little of the data's records (train.py's own, or the
+    target's), a Jacobi block longer than what is decoded per prompt."""
+    data, target = tiny_target
+    quick = [f"--dataset={data}", "--n_layer=1", "--n_head=2", "--n_embd=32", "--max_iters=0",
+             "--val_prompts=0", "--test_prompts=0"]
+    with pytest.raises(ValueError, match="n_embd 30 does not split into 4 attention heads .*a multiple"):
+        train.main(quick + [f"--out_dir={tmp_path / 'a'}", "--n_embd=30", "--n_head=4"])
+    with pytest.raises(ValueError, match="a context of 32 tokens .* cannot hold most of arith's records "
+                                         r"\(prompt \+ answer: \d+ tokens at the median.*raise --block_size"):
+        train.main(quick + [f"--out_dir={tmp_path / 'b'}", "--block_size=32"])
+    with pytest.raises(ValueError, match="a Jacobi block of n=200 tokens is longer than the 16 tokens "
+                                         "decoded per prompt .*--n=16 or less"):
+        train_cllm.main(cllm_args(data, target, str(tmp_path / "c"), n=200, max_iters=0, test_prompts=0))
+    short = train.GPT(train.GPTConfig(block_size=64, vocab_size=load_meta(data)["vocab_size"], n_layer=1,
+                                      n_head=2, n_embd=32))
+    save_checkpoint(str(tmp_path / "short" / "ckpt.pt"), dict(model=short.state_dict(), dataset=data,
+                                                               model_args=asdict(short.config)))
+    with pytest.raises(ValueError, match="the target's context of 64 tokens cannot hold most of .*records"):
+        train_cllm.main(cllm_args(data, str(tmp_path / "short"), str(tmp_path / "d"), max_iters=0,
+                                  test_prompts=0))
+
+
+def test_a_context_that_crops_most_prompts():
+    """check_context on a dataset of long prompts and short answers: a context of 128 that keeps
+    64 prompt tokens when 64 are generated is refused for prompts of 70 tokens at the median."""
+    lengths = dict(prompt=dict(p50=70, p95=80, max=90), answer=dict(p50=10, p95=12, max=20),
+                   total=dict(p50=80, p95=92, max=110))
+    meta = dict(name="long", lengths=lengths)
+    with pytest.raises(ValueError, match="leaves a prompt 64 tokens when 64 are generated .*median 70 "
+                                         "tokens.*lower --max_new_tokens to 58 at most"):
+        check_context(meta, 128, 64, "a context of 128", "raise --block_size")
+    check_context(meta, 128, 20, "a context of 128", "raise --block_size")  # (keeps 108)
 
 
 def test_cuda_without_a_gpu():
@@ -100,25 +145,36 @@ def test_unreadable_trajectory_file(tiny_target, tmp_path):
         train_cllm.main(cllm_args(data, target, str(out)))
 
 
-def test_a_killed_collection_goes_on_where_it_stopped(tiny_target, tmp_path, monkeypatch, capsys):
-    """Kill the collection after two batches: the rerun collects only the rest, and the file is
-    the one an uninterrupted run writes. (No training and no held-out table: only the
-    trajectories are tested.)"""
+@pytest.mark.parametrize("stop", ["kill", "SIGTERM"])
+def test_a_killed_collection_goes_on_where_it_stopped(tiny_target, tmp_path, monkeypatch, capsys, stop):
+    """Stop the collection after two batches, by a kill (the batches saved every SAVE_EVERY
+    seconds, 0 here) or by SIGTERM (saved when it stops, with a line that says to rerun the
+    command): the rerun collects only the rest, and the file is the one an uninterrupted run
+    writes. (No training and no held-out table: only the trajectories are tested.)"""
     data, target = tiny_target
     args = lambda out: cllm_args(data, target, out, max_iters=0, val_prompts=1, test_prompts=0)
     train_cllm.main(args(str(tmp_path / "whole")))
     calls, collect_batch = [], trajectories.collect_batch
 
-    def killed_after_two(*args):
-        if len(calls) == 2:
+    def stopped_after_two(*args):
+        if len(calls) == 2 and stop == "kill":
             raise KeyboardInterrupt  # as a kill would, mid-collection
         calls.append(args[-1])
+        if len(calls) == 2 and stop == "SIGTERM":  # as a scheduler would: this batch finishes
+            assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL  # (else it ends the tests)
+            os.kill(os.getpid(), signal.SIGTERM)
         return collect_batch(*args)
-    monkeypatch.setattr(trajectories, "collect_batch", killed_after_two)
-    monkeypatch.setattr(trajectories, "SAVE_EVERY", 0.0)
+    monkeypatch.setattr(trajectories, "collect_batch", stopped_after_two)
+    if stop == "kill":
+        monkeypatch.setattr(trajectories, "SAVE_EVERY", 0.0)
     out = str(tmp_path / "killed")
-    with pytest.raises(KeyboardInterrupt):
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt if stop == "kill" else SystemExit):
         train_cllm.main(args(out))
+    if stop == "SIGTERM":
+        assert capsys.readouterr().out.splitlines()[-1] == (
+            "SIGTERM: stopped collecting trajectories, 2 of 3 batches done and saved in "
+            f"{out}; go on with: python train_cllm.py {shlex.join(args(out))}")
     assert os.path.isfile(os.path.join(out, "trajectories.partial0.pt"))
     monkeypatch.setattr(trajectories, "collect_batch", collect_batch)
     capsys.readouterr()
@@ -141,6 +197,7 @@ calls = []
 def held(*args):  # the second step waits for a line on stdin: the test holds the process here
     calls.append(1)
     if len(calls) == 2:
+        print("held", file=sys.stderr, flush=True)
         sys.stdin.readline()
     step(*args)
 train.optimizer_step = held
@@ -170,7 +227,7 @@ def test_progress_shows_at_once_through_a_pipe(tiny_target, tmp_path):
     data, _ = tiny_target
     cmd = [sys.executable, "-c", HOLD_AFTER_FIRST_STEP, f"--dataset={data}",
            f"--out_dir={tmp_path / 'out'}", "--n_layer=1", "--n_head=2", "--n_embd=32",
-           "--block_size=32", "--batch_size=4", "--max_iters=3", "--log_interval=1", "--eval_interval=1000", "--eval_iters=1", "--val_prompts=0",
+           "--block_size=128", "--batch_size=4", "--max_iters=3", "--log_interval=1", "--eval_interval=1000", "--eval_iters=1", "--val_prompts=0",
            "--test_prompts=0"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered by default
     stderr = open(tmp_path / "stderr", "w+")
@@ -198,3 +255,71 @@ def test_progress_shows_at_once_through_a_pipe(tiny_target, tmp_path):
         proc.kill()
         proc.wait()
         stderr.close()
+
+
+def held_train(data, out_dir, tmp_path):
+    """train.py, through common.run, held in its second step (HOLD_AFTER_FIRST_STEP): (process,
+    its settings, its stdout lines, its stderr file)."""
+    args = [f"--dataset={data}", f"--out_dir={out_dir}", "--n_layer=1", "--n_head=2", "--n_embd=32",
+            "--batch_size=4", "--max_iters=3", "--log_interval=1", "--eval_interval=2", "--eval_iters=1",
+            "--val_prompts=0", "--test_prompts=0", "--dropout=0.1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # (the tests' own thread count: the same sums)
+    stderr = tmp_path / "stderr"
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_AFTER_FIRST_STEP, *args], cwd=ROOT, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(stderr, "w"),
+                            text=True)
+    wait_for("held", stderr, proc)
+    return proc, args, read_lines(proc.stdout), stderr
+
+
+def wait_for(text, path, proc, timeout=60):
+    """Wait until the file at path, a process's stderr, holds text."""
+    end = time.time() + timeout
+    while text not in path.read_text():
+        assert proc.poll() is None and time.time() < end, path.read_text()
+        time.sleep(0.05)
+
+
+def test_ctrl_c_saves_the_step_and_says_how_to_go_on(tiny_target, tmp_path):
+    """Ctrl-C (SIGINT from outside) in train.py's second step: the step finishes, last.pt is
+    saved, and the last line is the command that goes on; that command, run as printed, ends with
+    the weights of a run never stopped. A second Ctrl-C a second later stops at once, in one line,
+    without a traceback, and leaves the checkpoints readable."""
+    data, _ = tiny_target
+    proc, args, lines, stderr = held_train(data, tmp_path / "stopped", tmp_path)
+    try:
+        proc.send_signal(signal.SIGINT)
+        wait_for("SIGINT: saving after this step", stderr, proc)
+        proc.stdin.write("go on\n")
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 130, stderr.read_text()
+        out = []
+        while (line := lines.get(timeout=60)) is not None:
+            out.append(line)
+    finally:
+        proc.kill()
+    stop = out[-1].strip()
+    assert stop.startswith(f"SIGINT: stopped at iteration 2 of 3, saved in {tmp_path}/stopped/last.pt;")
+    command = shlex.split(stop.split("; go on with: ")[1])
+    assert command == ["python", "train.py", *args, "--init_from=resume"]
+    done = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    assert done.returncode == 0 and "iter 3: loss" in done.stdout, done.stderr
+    train.main([a.replace("stopped", "straight") for a in args])
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=False)
+    assert a["iter_num"] == b["iter_num"] == 3
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+
+    proc, args, lines, stderr = held_train(data, tmp_path / "twice", tmp_path)
+    try:
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.2)  # (two within a second are one Ctrl-C passed on twice, as torchrun does)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+    err = stderr.read_text()
+    assert err.strip().splitlines()[-1] == "interrupted: stopped at once; the files saved so far are intact"
+    assert "Traceback" not in err
+    assert load_checkpoint(str(tmp_path / "twice" / "last.pt"))[1]["iter_num"] == 0  # (its evaluation)

@@ -24,7 +24,7 @@ def small(tmp_path_factory):
 
 
 def small_target_args(data, out_dir, **overrides):
-    return settings(dict(dataset=data, out_dir=out_dir, n_layer=1, n_head=2, n_embd=32, block_size=64,
+    return settings(dict(dataset=data, out_dir=out_dir, n_layer=1, n_head=2, n_embd=32, block_size=128,
                          batch_size=8, max_iters=2000, learning_rate=1e-2, min_lr=1e-2, warmup_iters=1,
                          eval_iters=2, log_interval=1000, val_prompts=0, test_prompts=0, patience=3),
                     **overrides)
@@ -37,7 +37,7 @@ def test_training_stops_when_the_val_loss_stops_improving(small, tmp_path, capsy
     out = str(tmp_path / "target")
     train.main(small_target_args(small, out))
     log = capsys.readouterr().out
-    per_epoch = math.ceil(len(load_tokens(small, "train")) / (8 * 64))  # counted from the data
+    per_epoch = math.ceil(len(load_tokens(small, "train")) / (8 * 128))  # counted from the data
     assert f"an evaluation every {per_epoch} iterations (one epoch)" in log
     stop = re.search(r"stopped at iteration (\d+): 3 evaluations without a better val loss; "
                      r"the best, ([\d.]+) at iteration (\d+), is ckpt.pt", log)
@@ -70,7 +70,7 @@ def test_the_val_answer_loss_judges_when_there_are_val_prompts(small, tmp_path, 
     model, saved = load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert saved["iter_num"] == int(stop[3])
     records = load_records(small, "val")[:4]
-    again = answer_loss(model, load_encoding(small), records, generation_length(load_meta(small), 64), "cpu")
+    again = answer_loss(model, load_encoding(small), records, generation_length(load_meta(small), 128), "cpu")
     assert again == pytest.approx(saved["val_judged"], rel=1e-6) and round(again, 4) == float(stop[2])
 
 

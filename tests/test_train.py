@@ -1,6 +1,8 @@
 # Tests of train.py: a few iterations on CPU, exact resume, gradient accumulation, clear errors.
 # Run: python -m pytest -q tests/test_train.py
 import os
+import shlex
+import signal
 from functools import partial
 
 import pytest
@@ -8,7 +10,7 @@ import torch
 
 import train
 from common import get_lr, load_checkpoint
-from conftest import settings, small_arith
+from conftest import settings, signal_at_step, small_arith
 
 
 @pytest.fixture(scope="module")
@@ -18,23 +20,43 @@ def dataset(tmp_path_factory):
 
 def tiny_args(dataset, out_dir, **overrides):
     return settings(dict(dataset=dataset, out_dir=str(out_dir), n_layer=1, n_head=2, n_embd=32,
-                         block_size=32, batch_size=4, max_iters=6, lr_decay_iters=6, warmup_iters=2,
+                         block_size=128, batch_size=4, max_iters=6, lr_decay_iters=6, warmup_iters=2,
                          eval_interval=2, eval_iters=2, log_interval=1, test_prompts=2, val_prompts=2,
                          max_new_tokens=8, dropout=0.1),
                     **overrides)
 
 
-def test_train_writes_a_checkpoint_that_resumes_exactly(dataset, tmp_path, capsys):
+def test_train_writes_a_checkpoint_that_resumes_exactly(dataset, tmp_path, capsys, monkeypatch):
+    """A run stopped at an evaluation (as by a kill after it) and one stopped by SIGTERM and then
+    SIGINT between evaluations (at 3; at 4, before the evaluation due there) resume to the weights
+    and the best checkpoint of a straight run, bit for bit: dropout's random state included."""
     train.main(tiny_args(dataset, tmp_path / "straight"))
     out = capsys.readouterr().out
     assert "iter 6: loss" in out and "held-out answer loss" in out and "val accuracy" in out
     train.main(tiny_args(dataset, tmp_path / "split", max_iters=3))
     train.main(tiny_args(dataset, tmp_path / "split", init_from="resume"))
+    for how, signum in (("scratch", signal.SIGTERM), ("resume", signal.SIGINT)):
+        with monkeypatch.context() as m:
+            signal_at_step(m, train, 3 if how == "scratch" else 1, signum)
+            with pytest.raises(SystemExit) as stop:
+                train.main(tiny_args(dataset, tmp_path / "stopped", init_from=how))
+        assert stop.value.code == 128 + signum
+        line = capsys.readouterr().out.splitlines()[-1]
+        at = 3 if how == "scratch" else 4
+        assert line.startswith(f"{signum.name}: stopped at iteration {at} of 6, saved in ")
+        same = [a for a in tiny_args(dataset, tmp_path / "stopped") if not a.startswith("--init_from")]
+        command = shlex.join(["python", "train.py", *same, "--init_from=resume"])
+        assert line.endswith(f"; go on with: {command}")
+    train.main(tiny_args(dataset, tmp_path / "stopped", init_from="resume"))
+    assert "step 4: train loss" in capsys.readouterr().out  # the evaluation the stop postponed
     a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)
-    b = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)
-    assert a["iter_num"] == b["iter_num"] == 6
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
+    for run in ("split", "stopped"):
+        b = torch.load(tmp_path / run / "ckpt.pt", weights_only=False)
+        assert a["iter_num"] == b["iter_num"] == 6
+        for k, v in a["model"].items():
+            assert torch.equal(v, b["model"][k]), (run, k)
+        last = torch.load(tmp_path / run / "last.pt", weights_only=False)["model"]
+        assert all(torch.equal(v, last[k]) for k, v in a["model"].items())
     assert not os.path.exists(tmp_path / "split" / "ckpt.pt.tmp")
     model, ckpt = load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))
     assert not model.training and ckpt["config"]["dataset"] == dataset
