@@ -20,7 +20,8 @@
 # and steps.txt have each step's time, to correct the costs below. Results are written as they
 # come: each step's output goes to log.txt line by line (the tests' summary, the target's and the
 # CLLM's evaluations, the tables), steps.txt gets a line per finished step, and a step cut by its
-# limit keeps what it saved (the checkpoints of its last evaluation), which the next steps use.
+# limit (timeout's SIGTERM) saves where it was (last.pt, or its finished trajectory batches), which
+# the next steps use.
 #
 # Rerunnable: run it again with the same folder and it goes on. A step that finished is skipped; a
 # training step that did not finish (cut by its limit, killed, failed) resumes from its last.pt,
@@ -155,7 +156,7 @@ train_step() {  # train_step NAME ESTIMATE SCRIPT ARGS...: done, resumed or star
     return
   fi
   if [ -f "$dir/last.pt" ]; then
-    how=(--init_from=resume)  # go on from the last evaluation
+    how=(--init_from=resume)  # go on from where it stopped
   else
     rm -f "$dir/ckpt.pt"  # no last.pt: it never got past its first evaluation; trajectories stay
   fi
