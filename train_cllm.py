@@ -93,6 +93,8 @@ class CLLMConfig:
     recipe: Literal["cllm", "jacobi_forcing"] = "cllm"  # jacobi_forcing: noisy streams of states
                                      # (extras/jacobi_forcing.py); states_per_block streams
     noise_window: int = 4            # jacobi_forcing: blocks over which the noise climbs 0 -> 1
+    previous_round: str = ""         # a CLLM's out_dir: its ckpt.pt collects the trajectories and
+                                     # is the start (Jacobi Forcing's progressive rounds)
     horizon: int = 0                 # consistency on this many logits from a state's first wrong
                                      # token on (0: all, the paper)
     label_smoothing: float = 0.0     # of the AR loss
@@ -144,17 +146,32 @@ def consistency_target(states, j, kind):
     raise ValueError(f"consistency must be 'global' or 'local', got {kind!r}")
 
 
-def consistency_mask(state, target, horizon=0):
+def consistency_mask(state, target, horizon=0, blocks=None):
     """(b - 1,) which logits of a block count: the logit at token i predicts token i + 1 from
     inputs y_0 .. y_i; up to the first token where state and target differ the inputs are the
     same, so those positions are masked. horizon > 0 keeps only that many logits from the first
     wrong token on (the paper: all). (The authors' code keeps one more position, the logit
     that predicts the first differing token: its inputs are still the same and its KL is 0, so it
-    only adds to the count the mean divides by.)"""
+    only adds to the count the mean divides by.)
+
+    blocks: the lengths of the blocks that state is made of, for Jacobi Forcing's mask: then
+    (b,) each block counts from its own first wrong token to its end, its last logit (that
+    predicts the next block's first token) included, and a right block after a wrong one counts
+    nothing."""
+    if blocks is not None:  # (each block with one shared token appended: its mask covers all b logits)
+        return torch.cat([consistency_mask(torch.cat([s, s[-1:]]), torch.cat([t, s[-1:]]), horizon)
+                          for s, t in zip(state.split(blocks), target.split(blocks))])
     differ = (state[:-1] != target[:-1]).long()
     first = int(differ.argmax()) if differ.any() else len(differ)
     i = torch.arange(len(differ))
     return (i >= first) & ((i < first + horizon) if horizon else True)
+
+
+def kept_columns(record, choice, y, yhat, cfg):
+    """The positions of y whose logits the consistency loss counts: consistency_mask over y, for
+    a Jacobi Forcing stream block by block."""
+    blocks = [len(s[-1]) for s in record["states"][choice[0]:]] if cfg.recipe == "jacobi_forcing" else None
+    return consistency_mask(y, yhat, cfg.horizon, blocks).nonzero().flatten()
 
 
 def consistency_pair(record, choice, kind):
@@ -196,7 +213,7 @@ def distillation_loss_reference(model, records, choices, cfg):
         ar_targets.append(labels)
         for choice in picks:
             prefix, y, yhat = consistency_pair(record, choice, cfg.consistency)
-            cols = len(prefix) + consistency_mask(y, yhat, cfg.horizon).nonzero().flatten()
+            cols = len(prefix) + kept_columns(record, choice, y, yhat, cfg)
             logits, _ = model(torch.cat([prefix, y])[None])          # q_theta(. | x, y_<i)
             students.append(logits[0, cols])
             with torch.no_grad():
@@ -257,7 +274,7 @@ def pack_row(record, picks, cfg, context):
             segments.append((yhat, start, start))
             labels.append(torch.full((len(yhat),), -1))
             teacher, offset = len(segments) - 1, 0
-        pairs.append((student, teacher, offset, consistency_mask(y, yhat, cfg.horizon).nonzero().flatten()))
+        pairs.append((student, teacher, offset, kept_columns(record, choice, y, yhat, cfg)))
     tokens, positions, attn, first_col = pack(segments)  # model.pack
     empty = torch.zeros(0, dtype=torch.long)
     return PackedRow(tokens, positions, attn, torch.cat(labels),
@@ -332,6 +349,17 @@ def check_settings(cfg, meta, context, say):
                   setting="traj_max_new_tokens" if longest > cfg.max_new_tokens else "max_new_tokens")
 
 
+def load_previous_round(cfg, target_id, device, say):
+    """The CLLM of the previous round (Jacobi Forcing's progressive rounds): previous_round/ckpt.pt
+    collects this round's trajectories and is its starting point. It must come from target_dir,
+    which the guard and the table still judge against."""
+    model, ckpt = load_model(os.path.join(cfg.previous_round, "ckpt.pt"), device, cfg.dataset, say)
+    if ckpt.get("target") != target_id:
+        raise ValueError(f"{cfg.previous_round}/ckpt.pt was not distilled from {cfg.target_dir}: a round "
+                         "goes on from a CLLM of the same target (--target_dir)")
+    return model
+
+
 def main(argv):
     cfg = configure(CLLMConfig(), argv)
     device, autocast = setup_device(cfg.device, cfg.autocast)
@@ -350,6 +378,7 @@ def main(argv):
     interrupt = Interrupt("train_cllm.py", argv, world.size, world.master)  # Ctrl-C, SIGTERM
     torch.manual_seed(cfg.seed + world.rank)
     target_id = fingerprint(target.state_dict())  # which target the trajectories and CLLM come from
+    source = load_previous_round(cfg, target_id, device, say) if cfg.previous_round else target
     tokenizer = tokenizer_fingerprint(cfg.dataset)  # which tokenizer the CLLM decodes with
     val_records = load_records(cfg.dataset, "val")[:cfg.val_prompts] if world.master else []
     val_prompts = encode_prompts(enc, val_records, target, cfg.max_new_tokens, device, "val prompts")
@@ -364,12 +393,12 @@ def main(argv):
     if ddp.all_gather(unfit, world)[0] and not cfg.force:
         raise ValueError(unfit)
 
-    # 1. the trajectories, collected once per target and settings
-    records = load_or_collect(cfg, target, target_id, enc, world, interrupt)
+    # 1. the trajectories of the target (or of the previous round's CLLM), collected once
+    records = load_or_collect(cfg, source, fingerprint(source.state_dict()), enc, world, interrupt)
     if not records:
         raise ValueError("no usable trajectories (every prompt was dropped as repetitive)")
 
-    # the CLLM starts from the target's weights (or from last.pt of an earlier run)
+    # the CLLM starts from the target's weights (the previous round's; or last.pt of an earlier run)
     tolerance = tolerance_of(asdict(cfg))
     last_path, best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "ckpt.pt")
     batch_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every process
@@ -386,7 +415,7 @@ def main(argv):
         batch_gen.set_state(checkpoint["batch_rng"])
         ddp.restore_rng(checkpoint["torch_rng"], world)
     else:
-        model = copy.deepcopy(target)
+        model = copy.deepcopy(source)
     model.train()
     optimizer = model.configure_optimizers(0.0, cfg.learning_rate, device.type)
     if cfg.init_from == "resume":
@@ -429,8 +458,9 @@ def main(argv):
             state = model_state()
             if iter_num > 0:
                 save_last(state, rng)
-            if best == len(curve) - 1:
-                save_checkpoint(best_path, state)  # the CLLM: the most tokens/forward, quality kept
+            if best == len(curve) - 1:  # the CLLM: the most tokens/forward, quality kept (point 0 of
+                # the curve is the target's evaluation, so there ckpt.pt is the target)
+                save_checkpoint(best_path, state if iter_num else dict(state, model=target.state_dict()))
             if stop:
                 stopped = stop_line(curve, cfg.guard_patience, tolerance)
                 print(stopped)

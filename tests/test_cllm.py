@@ -66,6 +66,21 @@ def test_horizon_keeps_the_first_logits_from_the_first_wrong_token():
     assert consistency_mask(fixed.clone(), fixed, horizon=2).tolist() == [False] * 5
 
 
+def test_jacobi_forcings_mask_counts_each_block_from_its_own_first_wrong_token():
+    """A noisy stream of three blocks of 3: the first wrong at its 2nd token, the second right,
+    the third wrong at its 2nd token. Per block (Jacobi Forcing): logits 1, 2 of the first block
+    (the last one predicts the second block's first token), none of the right block, logits 1, 2
+    of the third; over the whole stream (the CLLM's mask) every logit from the first wrong token
+    on would count."""
+    fixed = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    state = torch.tensor([1, 0, 3, 4, 5, 6, 7, 0, 0])
+    per_block = consistency_mask(state, fixed, blocks=[3, 3, 3]).long().tolist()
+    assert per_block == [0, 1, 1, 0, 0, 0, 0, 1, 1]
+    assert consistency_mask(state, fixed).long().tolist() == [0, 1, 1, 1, 1, 1, 1, 1]
+    assert consistency_mask(state, fixed, horizon=1, blocks=[3, 3, 3]).long().tolist() == [0, 1, 0, 0, 0, 0, 0, 1, 0]
+    assert not consistency_mask(fixed, fixed, blocks=[4, 5]).any()
+
+
 def smoothed_cross_entropy(logits, labels, eps):
     """Label smoothing by hand, position by position: the label gets 1 - eps of the target
     distribution and every token of the vocabulary eps / V, so the loss at a position is
@@ -410,6 +425,34 @@ def test_pipeline_reuses_and_refuses_trajectories_and_resumes(tiny_target, tmp_p
         assert a["iter_num"] == b["iter_num"] == 6
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
         assert [c["tokens_per_forward"] for c in a["curve"]] == [c["tokens_per_forward"] for c in b["curve"]]
+
+
+def test_a_round_goes_on_from_the_previous_rounds_cllm(tiny_target, tmp_path):
+    """--previous_round, Jacobi Forcing's progressive rounds: the previous round's CLLM collects
+    this round's trajectories and is its starting point (at learning rate 0 the weights stay its
+    own), while the curve's first point is still the target's, and is the target if kept. A
+    folder that holds no CLLM of this target is refused."""
+    from common import fingerprint, load_checkpoint
+    data, target = tiny_target
+    round1, out = str(tmp_path / "round1"), str(tmp_path / "round2")
+    train_cllm.main(cllm_args(data, target, round1, max_iters=2, test_prompts=0))
+    shutil.copy(os.path.join(round1, "last.pt"), os.path.join(round1, "ckpt.pt"))  # (not the target)
+    previous = load_checkpoint(os.path.join(round1, "ckpt.pt"))[0]
+    args = cllm_args(data, target, out, previous_round=round1, max_iters=1, learning_rate=0.0,
+                     min_lr=0.0, test_prompts=0)
+    train_cllm.main(args)
+    meta = torch.load(os.path.join(out, "trajectories.pt"), weights_only=False)["meta"]
+    assert meta["target"] == fingerprint(previous.state_dict())
+    last = torch.load(os.path.join(out, "last.pt"), weights_only=False)
+    assert all(torch.equal(v, last["model"][k]) for k, v in previous.state_dict().items())
+    point0 = torch.load(os.path.join(round1, "ckpt.pt"), weights_only=False)["curve"][0]
+    assert {k: last["curve"][0][k] for k in point0 if k != "train_minutes"} == \
+        {k: v for k, v in point0.items() if k != "train_minutes"}  # the target's evaluation, again
+    first = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)  # point 0 kept: the target
+    target_weights = load_checkpoint(os.path.join(target, "ckpt.pt"))[0].state_dict()
+    assert first["iter_num"] == 0 and all(torch.equal(v, first["model"][k]) for k, v in target_weights.items())
+    with pytest.raises(ValueError, match="was not distilled from"):
+        train_cllm.main(cllm_args(data, target, str(tmp_path / "r"), previous_round=target))
 
 
 def test_two_micro_steps_are_one_step_on_the_whole_batch(tiny_target, tmp_path, monkeypatch):
