@@ -118,7 +118,7 @@ def recycled(pool, key, tail):
     """Rejection recycling's candidates for the active block's tail (Jacobi Forcing): from every
     pool entry but the newest, newest first, the tokens after the first occurrence of key (the
     last committed token), cut to the tail's length or completed with the tail's own tokens.
-    None unless there are at least two (as theirs, counted before dropping the ones equal to
+    Nothing unless there are at least two (as theirs, counted before dropping the ones equal to
     the tail or to each other, which would only repeat a row). pool: token lists; tail: a list."""
     found = []
     for entry in list(pool)[-2::-1]:
@@ -173,8 +173,8 @@ def multiblock_decode(model, idx, max_new_tokens, n=16, K=2, r=0.85, pool_size=0
         active_end, end = min(starts[0] + n, limit), min(starts[-1] + n, limit)
         rows = seq[cached:end][None]  # (1, T): the final tokens not yet cached, then the drafts
         if pool_size:
-            tail = seq[done:active_end].tolist()
-            candidates = recycled(pool, int(seq[done - 1]), tail)
+            tail = seq[done - 1:active_end].tolist()  # (one more device read)
+            candidates = recycled(pool, tail[0], tail[1:])
             if candidates:  # the same window with another draft of the active tail in each row
                 rows = rows.repeat(1 + len(candidates), 1)
                 rows[1:, done - cached:active_end - cached] = torch.tensor(candidates).to(seq.device)
