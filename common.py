@@ -1,6 +1,7 @@
 """
 What the scripts share: their settings, interrupts, the device, checkpoints, prompts as tokens. The
-scripts (train.py, train_cllm.py, sample.py, bench.py) are leaves: nothing imports them.
+scripts (train.py, train_cllm.py, sample.py, bench.py) are leaves: no script imports another (the
+tests import them all).
 
 Settings, nanoGPT-style: defaults in one dataclass at the top of each script, the one source of
 truth, overridden by config files (plain Python in config/) and then by --key=value:

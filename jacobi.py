@@ -6,7 +6,8 @@ refines all of them in one forward pass per iteration:
 
     y_i^(j+1) = argmax p( . | x, y_<i^(j) )      for i = 1..n at once          (Jacobi update)
 
-until y^(j+1) == y^(j): the fixed point y*, which is exactly what greedy decoding would produce.
+until y^(j+1) == y^(j): the fixed point y*, which is what greedy decoding would produce (exactly,
+in exact arithmetic; in float32 too unless two logits nearly tie, README "Exactness").
 y_1 is right after the first pass (its context x is final) and every pass makes at least one more
 token right, so a block converges in at most n passes (and one more pass sees that it has).
 
@@ -234,7 +235,8 @@ def jacobi_decode_reference(model, idx, max_new_tokens, n=16, eos_id=None, guess
 def jacobi_decode(model, idx, max_new_tokens, n=16, eos_id=None, guess="prefix", seed=0):
     """Jacobi decoding in blocks of n tokens, with the KV cache and fast-forward.
 
-    Returns (new tokens (N,), JacobiStats). The tokens equal greedy_decode's (in float32).
+    Returns (new tokens (N,), JacobiStats). The tokens equal greedy_decode's (in float32, barring a
+    near-tie that a block forward and a one-token forward round apart).
     seed makes the initial guesses reproducible.
 
     The index arithmetic, on a 3-token prompt x0 x1 x2 and a block of n = 5 (start = 3, end = 8):

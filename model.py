@@ -26,7 +26,8 @@ class KVCache:
     """Preallocated keys and values of every layer, sized by the caller: (B, n_head, max_len, hs).
 
     Invariant: the decoding loop keeps a length `cached` (jacobi.py); slots before it hold keys and
-    values computed from final tokens and are never written again, slots from it on are scratch.
+    values computed from final tokens (a later write there writes the same values: collection
+    re-runs a converged row's block), slots from it on are scratch.
     A forward writes its new tokens at slots `input_pos` and each query attends to every slot up
     to its own position, so rolling back a rejected guess costs nothing: the next forward simply
     overwrites the slots. The cache does not store `cached` itself; the decoding loop owns it.

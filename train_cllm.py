@@ -1,7 +1,8 @@
 """
 Consistency distillation (CLLM paper, section 3.2): fine-tune a target model on its own Jacobi
 trajectories so that it maps any intermediate state of a block to the block's fixed point, and so
-gets several tokens right per forward pass while its greedy output stays the same.
+gets several tokens right per forward pass, while an AR loss keeps its answers close to the
+target's (the quality guard keeps a checkpoint only when they are).
 
     python train_cllm.py                           # distil the shipped arith target on a CPU
     python train_cllm.py --target_dir=out-arith    # distil a target you trained (python train.py)
@@ -85,7 +86,7 @@ class CLLMConfig:
     force: bool = False              # distil a target that the check before collection calls unfit
     log_interval: int = 25           # a progress line every this many steps
     device: str = "auto"             # auto: cuda when there is one, else cpu
-    compile: bool = False            # torch.compile the training step (a GPU setting)
+    compile: bool = False            # torch.compile the model (a GPU setting)
     autocast: Literal["auto", "bfloat16", "float32"] = "auto"  # training precision: auto =
                                      # bf16 autocast on CUDA, float32 on CPU; bfloat16 on a CPU too
     seed: int = 1337                 # the trajectories' guesses, the batches, the states drawn
@@ -497,7 +498,7 @@ def main(argv):
             rows = [pack_row(r, c, cfg, context) for r, c in mine]
             counts = ddp.all_sum([sum(len(r.student) for r in rows),  # the whole batch's positions
                                   sum(int((r.labels != -1).sum()) for r in rows)], world)
-            terms = torch.zeros(2, device=device)  # read at the log lines only: no wait per step
+            terms = torch.zeros(2, device=device)  # read at the log lines only
             for micro, sync in ddp.micro_steps(train_model, world, cfg.grad_accum):
                 part = rows[micro * per_process:(micro + 1) * per_process]
                 shares = (sum(len(r.student) for r in part) / max(counts[0], 1),

@@ -1,7 +1,8 @@
 """
 Extra (a learner may skip it): more than one process, PyTorch's own way. torchrun starts one
 process per device and sets RANK, WORLD_SIZE and LOCAL_RANK; train.py and train_cllm.py then train
-with DistributedDataParallel (NCCL on CUDA, gloo on CPU). Without torchrun every function here is a no-op on a world of one.
+with DistributedDataParallel (NCCL on CUDA, gloo on CPU). Without torchrun the world is one
+process: nothing is split, gathered or synchronised.
 
     torchrun --standalone --nproc_per_node=8 train.py config/train_arith_gpu.py
 

@@ -86,8 +86,8 @@ def sliding_window_jacobi_decode(model, idx, max_new_tokens, n=16, blocks=2, eos
     update refines all of it, and the leading run of right tokens is committed wherever it ends,
     inside the first block or past it; then fresh guesses refill the window's end. So the pass
     that confirms one block also predicts the next one. The tokens past the first block are
-    refined from an unconverged past: what Jacobi Forcing's noisy-stream training is for. Exactly
-    greedy, like every decoder here (tests/test_decoders.py).
+    refined from an unconverged past: what Jacobi Forcing's noisy-stream training is for. Greedy's
+    output, like every decoder here (tests/test_decoders.py).
     """
     prompt, budget = check_inputs(model, idx, max_new_tokens, n)
     if not isinstance(blocks, int) or blocks < 1:

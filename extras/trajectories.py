@@ -9,7 +9,8 @@ splits the work between processes under torchrun.
                                "states": [(S_k, b_k) int32 per block k: y^(0) .. y*]}
 
 The target decodes the prompts in batches (jacobi.collect_trajectories). Prompts whose output
-repeats one token repeat_limit times are dropped, as the authors do: they teach collapse.
+repeats one token repeat_limit times are dropped: they teach collapse (the authors drop such a
+block, not the whole prompt).
 Finished batches are saved to trajectories.partial<rank>.pt every half minute and when Ctrl-C or
 SIGTERM stops the collection, so that a rerun goes on from there instead of starting again.
 """
