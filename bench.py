@@ -7,7 +7,7 @@ verdict. Without a run of your own it measures the models shipped in pretrained/
     python bench.py --ns="[8, 16, 32]" --blocks=2 --lookup --test_prompts=200 --threads=1
     python bench.py --cllm_dir=out-cllm-pycode
     python bench.py --cllm_dir=out-cllm-arith --control_dir=out-cllm-arith-control   # + the AR-only control
-    python bench.py --compare_dirs="[out-jf]" --multiblock   # + another CLLM, Jacobi Forcing's decoders
+    python bench.py --compare_dirs="['out-jf']" --multiblock   # + another CLLM, Jacobi Forcing's decoders
     python bench.py --random                 # an untrained model of nanoGPT's CPU size
     python bench.py --dtype=bfloat16         # half precision (exactness is then not guaranteed)
 

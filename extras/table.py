@@ -69,6 +69,7 @@ def bench_models(models, prompts, methods, max_new_tokens, eos_id=None, warmup=2
     and exactness.
     """
     device = next(next(iter(models.values())).parameters()).device
+    total, every, t0 = warmup + len(prompts), max(1, len(prompts) // 10), time.time()
     rows = {}
     for model_name in models:
         rows[model_name] = {"AR": dict(tokens=0, forwards=0, tps=[], secs=[], outputs=[])}
@@ -92,6 +93,10 @@ def bench_models(models, prompts, methods, max_new_tokens, eos_id=None, warmup=2
                     row["stationary"] = row["stationary"] + stats.stationary if recorded else None
                     row["exact"] += int(torch.equal(tokens, greedy))
                     row["speedups"].append(secs / msecs)
+        if (i + 1) % every == 0 and i + 1 < total:  # progress, a line per tenth of the prompts
+            per = (time.time() - t0) / (i + 1)
+            print(f"decoded {i + 1}/{total} prompts, {per:.1f} s per prompt, "
+                  f"eta {(total - i - 1) * per / 60:.1f} min")
     return rows
 
 
