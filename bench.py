@@ -85,7 +85,10 @@ def trained_models(cfg, device):
         if saved.get("target") != ckpt.get("target"):
             raise ValueError(f"{folder} was not distilled from the target of {cfg.cllm_dir}: a table "
                              "compares the CLLMs of one target")
-        models[os.path.basename(folder.rstrip("/"))] = other
+        name = os.path.basename(folder.rstrip("/"))
+        if name in models:
+            raise ValueError(f"two models named {name!r} in one table: rename the folder {folder}")
+        models[name] = other
     return models, ckpt["dataset"], ckpt["config"]
 
 

@@ -408,8 +408,8 @@ def main(argv):
         model, checkpoint = load_checkpoint(last_path, device)
         note_changed_settings(checkpoint["config"], cfg)
         iter_num, curve, train_secs = checkpoint["iter_num"], checkpoint["curve"], checkpoint["train_secs"]
-        last_eval = curve[-1]["iter"] if curve else -1  # (an interrupt saves between evaluations)
-        if world.master and curve and guard(curve, tolerance, cfg.guard_patience)[2]:  # the guard stopped it
+        last_eval = curve[-1]["iter"]
+        if world.master and guard(curve, tolerance, cfg.guard_patience)[2]:  # the guard stopped it
             stopped = stop_line(curve, cfg.guard_patience, tolerance)
             print(f"{cfg.out_dir} was stopped by the guard: {stopped}")
         stopped = ddp.all_gather(stopped, world)[0]
@@ -472,6 +472,10 @@ def main(argv):
         """After Ctrl-C or SIGTERM (to any process: all stop at the same step): last.pt at this
         step, and the line that says how to go on."""
         signum = ddp.first_of(interrupt.signal, world)
+        if signum and iter_num == 0:  # (a signal late in the collection) nothing trained yet
+            ddp.finish(world)
+            interrupt.exit(signum, f"stopped before the first step, the trajectories saved in {cfg.out_dir}",
+                           resume=False)
         if signum:
             rng = ddp.all_gather(torch.get_rng_state(), world)  # every process's RNG, for resuming
             if world.master:

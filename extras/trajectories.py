@@ -8,9 +8,9 @@ splits the work between processes under torchrun.
     record                    {"prompt": (P,) token ids, "answer": (A,) the ground truth + EOS,
                                "states": [(S_k, b_k) int32 per block k: y^(0) .. y*]}
 
-The target decodes the prompts in batches (jacobi.collect_trajectories). Prompts whose output
-repeats one token repeat_limit times are dropped: they teach collapse (the authors drop such a
-block, not the whole prompt).
+The target (or the previous round's CLLM) decodes the prompts in batches
+(jacobi.collect_trajectories). Prompts whose output repeats one token repeat_limit times are
+dropped: they teach collapse (the authors drop such a block, not the whole prompt).
 Finished batches are saved to trajectories.partial<rank>.pt every half minute and when Ctrl-C or
 SIGTERM stops the collection, so that a rerun goes on from there instead of starting again.
 """
@@ -69,7 +69,8 @@ def collect_batch(cfg, target, enc, records, ids, first):
 
 
 def load_or_collect(cfg, target, target_id, enc, world, interrupt):
-    """The trajectories of the target on the first num_prompts training prompts, from
+    """The trajectories of the target (or of the previous round's CLLM: train_cllm.py passes it as
+    target) on the first num_prompts training prompts, from
     out_dir/trajectories.pt when it matches the current target, tokenizer and settings.
     Under torchrun each process collects every world.size-th batch; all get the whole list, and
     rank 0 writes the same file one process would. After Ctrl-C or SIGTERM (common.Interrupt) the
@@ -92,7 +93,7 @@ def load_or_collect(cfg, target, target_id, enc, world, interrupt):
     starts = range(0, len(records), cfg.collect_batch)
     todo = [s for s in starts if s not in batches]
     rounds = [todo[i:i + world.size] for i in range(0, len(todo), world.size)]  # ddp: one batch each
-    say(f"collecting Jacobi trajectories of the target on {len(records)} training prompts "
+    say(f"collecting Jacobi trajectories on {len(records)} training prompts "
           f"(n={cfg.n}, batches of {cfg.collect_batch})"
           + (f", {len(batches)} batches already done before" if batches else ""))
     mine = {}

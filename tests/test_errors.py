@@ -189,6 +189,36 @@ def test_a_killed_collection_goes_on_where_it_stopped(tiny_target, tmp_path, mon
         assert all(torch.equal(s, t) for s, t in zip(p["states"], q["states"]))
 
 
+def test_a_signal_in_the_last_collection_batch_stops_before_training(tiny_target, tmp_path, monkeypatch,
+                                                                     capsys):
+    """SIGTERM while the last batch is collected: the collection finishes and is saved, and the run
+    stops before its first step without a last.pt (nothing trained: resuming would start from an
+    empty curve); the same command goes on, reusing the trajectories."""
+    data, target = tiny_target
+    out = str(tmp_path / "cllm")
+    args = cllm_args(data, target, out, max_iters=2, test_prompts=0)
+    calls, collect_batch = [], trajectories.collect_batch
+
+    def signal_in_the_last(*a):
+        calls.append(1)
+        if len(calls) == 3:  # the third and last batch
+            os.kill(os.getpid(), signal.SIGTERM)
+        return collect_batch(*a)
+    monkeypatch.setattr(trajectories, "collect_batch", signal_in_the_last)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train_cllm.main(args)
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"SIGTERM: stopped before the first step, the trajectories saved in {out}; go on with: "
+        f"python train_cllm.py {shlex.join(args)}")
+    assert os.path.isfile(os.path.join(out, "trajectories.pt"))
+    assert not os.path.exists(os.path.join(out, "last.pt")) and not os.path.exists(os.path.join(out, "ckpt.pt"))
+    monkeypatch.setattr(trajectories, "collect_batch", collect_batch)
+    train_cllm.main(args)
+    assert "reusing" in capsys.readouterr().out
+    assert torch.load(os.path.join(out, "last.pt"), weights_only=False)["curve"][0]["iter"] == 0
+
+
 HOLD_AFTER_FIRST_STEP = """
 import sys
 import common, train

@@ -93,6 +93,8 @@ def test_bench_compares_cllms_of_one_target_with_jacobi_forcings_decoders(tiny_t
     assert all(row["exact"] == "2/2" for m in results.values() for k, row in m.items() if k != "AR")
     with pytest.raises(ValueError, match="not distilled from the target"):
         bench.main([f"--cllm_dir={tiny_cllm}", f"--compare_dirs=['{target}']", f"--json_out={out}"])
+    with pytest.raises(ValueError, match="two models named 'other'"):
+        bench.main([f"--cllm_dir={tiny_cllm}", f"--compare_dirs=['{other}', '{other}/']", f"--json_out={out}"])
 
 
 def test_bench_with_the_ar_only_control(tiny_target, tiny_cllm, tmp_path, capsys):
