@@ -6,11 +6,14 @@ import itertools
 from collections import deque
 
 import pytest
+import torch
+import torch.nn.functional as F
 
-from conftest import committed_per_pass, make_model, random_prompt, recorded_forwards, tensor
+from conftest import DEVICE, committed_per_pass, make_model, random_prompt, recorded_forwards, tensor
 from extras.decoders import (lookup_draft, multiblock_decode, prompt_lookup_decode, recycled,
                              sliding_window_jacobi_decode)
 from jacobi import greedy_decode, jacobi_decode
+from model import GPTConfig
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +117,41 @@ def test_the_multiblock_decoder_keeps_the_promoted_blocks_draft():
     tokens, stats = multiblock_decode(model, prompt, 16, n=8, K=2, r=0.1)
     assert tokens.tolist() == [3] * 16 and stats.accepted == [1, 7, 8]
     assert multiblock_decode(model, prompt, 16, n=8, K=1, r=0.1)[1].accepted == [1, 7, 1, 7]
+
+
+class Successor(torch.nn.Module):
+    """A stand-in model whose argmax is always the input token + 1 (mod V), so that every Jacobi
+    update is worked by hand: y_i^(j+1) = y_{i-1}^(j) + 1. It records each forward's inputs."""
+
+    def __init__(self, V=50):
+        super().__init__()
+        self.config = GPTConfig(block_size=64, vocab_size=V)
+        self.lm_head = torch.nn.Linear(1, V, bias=False).to(DEVICE)  # (where the model lives)
+        self.inputs = []
+
+    def make_cache(self, batch_size=1):
+        return None
+
+    def forward(self, idx, input_pos=None, cache=None):
+        self.inputs.append(idx[0].tolist())
+        return F.one_hot((idx + 1) % self.config.vocab_size, self.config.vocab_size).float(), None
+
+
+def test_pseudo_active_blocks_freeze_what_they_accept():
+    """Prompt [0], n = 4, K = 2, r = 0.25 (a block is spawned after 1 accepted token), guesses
+    repeat the last token. Each pass commits one token (the drafts are always one step behind).
+    Pass 1 commits 1 and spawns the block at positions 5-8, drafted 1 1 1 1. From pass 2 on that
+    block freezes one more leading token per pass (its first update: 2 at position 5, then 3 at 6,
+    4 at 7), which later passes feed unchanged while the tokens around them move on; promoted at
+    pass 5, its draft is what it froze."""
+    model = Successor()
+    tokens, stats = multiblock_decode(model, tensor([0]), 8, n=4, K=2, r=0.25, guess="repeat")
+    assert tokens.tolist() == list(range(1, 9)) and stats.accepted[:5] == [1, 1, 1, 1, 1]
+    assert model.inputs[:5] == [[0, 0, 0, 0],              # positions 0-3
+                                [1, 1, 1, 1, 1, 1, 1],     # 1-7: the pseudo block at 5-7 joins
+                                [2, 2, 2, 2, 2, 2],        # 2-7: position 5 now frozen (2)
+                                [3, 3, 2, 3, 3],           # 3-7: 2 stays at 5; 6 frozen (3)
+                                [4, 2, 3, 4]]              # 4-7: the promoted block's draft
 
 
 @pytest.mark.parametrize("n", [1, 4, 16])
