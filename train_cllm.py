@@ -515,7 +515,8 @@ def main(argv):
             train_secs += time.time() - step_start
             iter_num += 1
             if iter_num == start + 5 and world.master:  # what the rest will cost, a few steps in
-                print(cost_line(cfg, iter_num, (train_secs - start_secs) / 5, eval_secs))
+                tests = len(load_records(cfg.dataset, "test")[:cfg.test_prompts])  # (a split may be smaller)
+                print(cost_line(cfg, iter_num, (train_secs - start_secs) / 5, eval_secs, tests))
             if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
                 l_c, l_ar = ddp.all_sum(terms.tolist(), world)  # the whole batch's means
                 dt = (time.time() - t0) / (iter_num - last_log)

@@ -275,10 +275,11 @@ def quality_gain_note(target_ckpt, metric, results, out_dir, tolerance=QUALITY_T
             "(docs/own-data.md).")
 
 
-def cost_line(cfg, iter_num, secs_per_iter, eval_secs):
+def cost_line(cfg, iter_num, secs_per_iter, eval_secs, test_prompts):
     """The line that says, a few steps into distillation, what the rest of the run will cost:
     the steps left, the evaluations left (each timed like the first, on the target: later ones are
-    faster), and the final table (its decodes, each about as slow as one of an evaluation's)."""
+    faster), and the final table on test_prompts prompts (the setting, or fewer when the data's
+    test split is smaller; its decodes each about as slow as one of an evaluation's)."""
     steps = (cfg.max_iters - iter_num) * secs_per_iter
     evals = sum(k % cfg.eval_interval == 0 or k == cfg.max_iters for k in range(iter_num + 1, cfg.max_iters + 1))
     if eval_secs is None:  # a resumed run that has not evaluated yet
@@ -286,8 +287,8 @@ def cost_line(cfg, iter_num, secs_per_iter, eval_secs):
                 f"then {evals} evaluations and the table")
     decodes = 2 + 2 + bool(cfg.blocks) + 2 * cfg.lookup  # AR + Jacobi of two models, the extras
     per_decode = eval_secs / max(cfg.val_prompts, 1) / (1 + bool(cfg.blocks))
-    table = cfg.test_prompts * decodes * per_decode
+    table = test_prompts * decodes * per_decode
     total = steps + evals * eval_secs + table
     return (f"expected: {steps / 60:.1f} min of distillation ({secs_per_iter:.2f} s per step), "
-            f"{evals} evaluations {evals * eval_secs / 60:.1f} min, the table on {cfg.test_prompts} test "
+            f"{evals} evaluations {evals * eval_secs / 60:.1f} min, the table on {test_prompts} test "
             f"prompts {table / 60:.1f} min: about {total / 60:.1f} min more")
