@@ -21,9 +21,10 @@ are checked against it before training (check_settings).
 Which model is best is judged by what the task measures: the loss of the val prompts' answers
 given their prompts (extras/quality.answer_loss), not the loss over the whole text, which
 flattens long before the answers are learned (on arith the text's val loss moved 0.356 -> 0.344
-while val accuracy rose 0.82 -> 0.98, iterations 3000 to 4500: docs/results.md). Training stops at max_iters, or earlier once `patience`
-evaluations brought no better val answer loss (on small data an evaluation comes every epoch),
-and says which. With val_prompts=0 the text's val loss is the judge.
+while val accuracy rose 0.82 -> 0.98, iterations 3000 to 4500: docs/results.md). Training stops
+at max_iters, or earlier once `patience` evaluations brought no better val answer loss (on small
+data an evaluation comes every epoch), and says which. With val_prompts=0 the text's val loss is
+the judge.
 """
 
 import math

@@ -470,19 +470,19 @@ def main(argv):
 
     def exit_if_interrupted():
         """After Ctrl-C or SIGTERM (to any process: all stop at the same step): last.pt at this
-        step, and the line that says how to go on."""
+        step, and the line that says how to go on (before the first step: nothing to save, the
+        same command goes on from the trajectories)."""
         signum = ddp.first_of(interrupt.signal, world)
-        if signum and iter_num == 0:  # (a signal late in the collection) nothing trained yet
-            ddp.finish(world)
-            interrupt.exit(signum, f"stopped before the first step, the trajectories saved in {cfg.out_dir}",
-                           resume=False)
-        if signum:
+        if not signum:
+            return
+        if iter_num:  # (at 0, after a signal late in the collection, nothing is trained)
             rng = ddp.all_gather(torch.get_rng_state(), world)  # every process's RNG, for resuming
             if world.master:
                 save_last(model_state(), rng)
-            ddp.finish(world)
-            interrupt.exit(signum, f"stopped at iteration {iter_num} of {cfg.max_iters}, saved in "
-                                   f"{last_path}")
+        ddp.finish(world)
+        where = (f"stopped at iteration {iter_num} of {cfg.max_iters}, saved in {last_path}" if iter_num
+                 else f"stopped before the first step, the trajectories saved in {cfg.out_dir}")
+        interrupt.exit(signum, where, resume=iter_num > 0)
 
     t0, last_log, start, start_secs = time.time(), iter_num, iter_num, train_secs
     with interrupt:
@@ -515,7 +515,7 @@ def main(argv):
             train_secs += time.time() - step_start
             iter_num += 1
             if iter_num == start + 5 and world.master:  # what the rest will cost, a few steps in
-                tests = len(load_records(cfg.dataset, "test")[:cfg.test_prompts])  # (a split may be smaller)
+                tests = len(load_records(cfg.dataset, "test")[:cfg.test_prompts])  # (or a smaller split)
                 print(cost_line(cfg, iter_num, (train_secs - start_secs) / 5, eval_secs, tests))
             if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
                 l_c, l_ar = ddp.all_sum(terms.tolist(), world)  # the whole batch's means

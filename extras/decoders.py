@@ -166,7 +166,7 @@ def multiblock_decode(model, idx, max_new_tokens, n=16, K=2, r=0.85, pool_size=0
     seq = torch.cat([prompt, prompt.new_zeros(budget)])
     stats, cache = JacobiStats(seq=seq), model.make_cache(batch_size=max(pool_size, 1))
     pool, spawn_at = deque(maxlen=pool_size), math.ceil(r * n)
-    starts, frozen = [P], [0]  # each block's first position; pseudo-active blocks' frozen tokens
+    starts, frozen = [P], []  # each block's first position; each pseudo-active block's frozen tokens
     seq[P:min(P + n, limit)] = initial_guess(prompt, min(n, limit - P), guess, generator)
     done, cached, stop = P, 0, False
     while done < limit and not stop:
@@ -185,9 +185,9 @@ def multiblock_decode(model, idx, max_new_tokens, n=16, K=2, r=0.85, pool_size=0
         verdicts = [accept(o[:a], d[:a], eos_id) for o, d in zip(outputs, drafted)]
         w = max(range(len(verdicts)), key=lambda i: verdicts[i][0])  # the first row that commits most
         accepted, stop = verdicts[w]
-        for b in range(1, len(starts)):  # pseudo-active blocks: freeze what they accept
-            lo, hi = starts[b] + frozen[b] - done, min(starts[b] + n, limit) - done
-            y_next[w, lo - frozen[b]:lo] = seq[starts[b]:starts[b] + frozen[b]]
+        for b, s in enumerate(starts[1:]):  # pseudo-active blocks: freeze what they accept
+            lo, hi = s + frozen[b] - done, min(s + n, limit) - done
+            y_next[w, s - done:lo] = seq[s:s + frozen[b]]
             if lo < hi:
                 frozen[b] += accept(outputs[w][lo:hi], drafted[w][lo:hi])[0]
         seq[done:end] = y_next[w]
@@ -201,12 +201,12 @@ def multiblock_decode(model, idx, max_new_tokens, n=16, K=2, r=0.85, pool_size=0
         cached = done - 1
         if done == active_end and done < limit and not stop:
             if len(starts) > 1:  # promote the next block: its tokens are a draft from now on
-                starts, frozen = starts[1:], [0] + frozen[2:]
+                starts, frozen = starts[1:], frozen[1:]
             else:  # nothing to promote: a fresh block, as plain Jacobi starts one
                 starts = [done]
                 seq[done:min(done + n, limit)] = initial_guess(seq[:done], min(n, limit - done), guess,
                                                                generator)
-        newest = done - starts[0] if len(starts) == 1 else frozen[-1]
+        newest = frozen[-1] if frozen else done - starts[0]
         if len(starts) < K and newest >= spawn_at and starts[-1] + n < limit:  # spawn a block
             s, e = starts[-1] + n, min(starts[-1] + 2 * n, limit)
             draft = torch.cat([seq[done:min(starts[0] + n, limit)],

@@ -44,19 +44,19 @@ def methods_for(ns, max_new_tokens, eos_id, blocks=0, lookup=False, guess="prefi
     at each n the sliding window and Jacobi Forcing's multi-block decoding (its K, r and pool
     size: multiblock_decode's defaults) without and with rejection recycling, and prompt lookup.
     guess: the initial guess (the one the CLLM was trained with)."""
-    common = dict(max_new_tokens=max_new_tokens, eos_id=eos_id)
+    shared = dict(max_new_tokens=max_new_tokens, eos_id=eos_id)
     out = {}
     for n in ns:
-        out[f"Jacobi n={n}"] = partial(jacobi_decode, n=n, guess=guess, **common)
+        out[f"Jacobi n={n}"] = partial(jacobi_decode, n=n, guess=guess, **shared)
         if blocks:
             out[f"sliding window {blocks}x{n}"] = partial(sliding_window_jacobi_decode, n=n, blocks=blocks,
-                                                          guess=guess, **common)
+                                                          guess=guess, **shared)
         if multiblock:
-            out[f"multi-block n={n}"] = partial(multiblock_decode, n=n, guess=guess, **common)
+            out[f"multi-block n={n}"] = partial(multiblock_decode, n=n, guess=guess, **shared)
             out[f"multi-block + recycling n={n}"] = partial(multiblock_decode, n=n, pool_size=RECYCLING_POOL,
-                                                            guess=guess, **common)
+                                                            guess=guess, **shared)
     if lookup:
-        out["prompt lookup"] = partial(prompt_lookup_decode, **common)
+        out["prompt lookup"] = partial(prompt_lookup_decode, **shared)
     return out
 
 
