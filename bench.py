@@ -26,8 +26,9 @@ from typing import Literal
 
 import torch
 
-from common import configure, find_checkpoint, fingerprint, load_model, run, setup_device
+from common import find_checkpoint, fingerprint, load_model, own_n, run, setup_device
 from data.common import generation_length, load_encoding, load_meta, load_records
+from extras.configurator import configure
 from extras.table import environment, held_out_comparison, markdown_table, measure, methods_for
 from model import GPT, GPTConfig
 
@@ -41,7 +42,8 @@ class BenchConfig:
     compare_dirs: list = field(default_factory=list)  # more CLLMs of the same target (e.g. the
                                       # other recipe), in the same table, named by their folder
     random: bool = False              # an untrained model of nanoGPT's CPU size instead
-    ns: list = field(default_factory=list)  # Jacobi block sizes; empty: the CLLM's n
+    ns: list = field(default_factory=list)  # Jacobi block sizes; empty: the checkpoint's own
+                                      # (common.own_n)
     blocks: int = 0                   # also the sliding window over blocks * n tokens (0: not)
     multiblock: bool = False          # also Jacobi Forcing's multi-block decoding, without and with
                                       # rejection recycling (extras/decoders.py)
@@ -74,6 +76,9 @@ def trained_models(cfg, device):
             print(f"WARNING: {target_path} is not the model this CLLM was distilled from (it was "
                   "trained again since?): the comparison is not with its own target")
         models = {"target": target, "CLLM": model}
+        if ckpt.get("iter_num") == 0:
+            print(f"note: {path} is the target itself: the guard of its run kept no distilled checkpoint, "
+                  "so the CLLM rows below are the target's (its last distilled one is last.pt)")
     if cfg.control_dir:
         control, saved = load_model(os.path.join(cfg.control_dir, "last.pt"), device, ckpt["dataset"])
         if saved["config"].get("states_per_block") != 0 or saved.get("target") != ckpt.get("target"):
@@ -120,7 +125,7 @@ def main(argv):
         context = next(iter(models.values())).config.block_size
         max_new_tokens = cfg.max_new_tokens or generation_length(meta, context)
         print(f"{', '.join(models)} on {len(records)} held-out prompts of {dataset}\n{env}")
-        methods = methods_for(cfg.ns or [trained.get("n", 16)], max_new_tokens, enc.eot_token,
+        methods = methods_for(cfg.ns or [own_n(dict(config=trained))], max_new_tokens, enc.eot_token,
                               cfg.blocks, cfg.lookup, trained.get("guess", "prefix"), cfg.multiblock)
         results, text = held_out_comparison(models, enc, records, meta["metric"],
                                             {name: methods for name in models}, max_new_tokens,

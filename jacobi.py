@@ -169,6 +169,15 @@ def eos_end(tokens, eos_id):
     return int(hits[0]) + 1 if len(hits) else None
 
 
+def longest_run(tokens):
+    """Length of the longest run of one token repeated: a generation that repeats itself."""
+    best = run = 1 if len(tokens) else 0
+    for a, b in zip(tokens, tokens[1:]):
+        run = run + 1 if a == b else 1
+        best = max(best, run)
+    return best
+
+
 def distinct(states):
     """The rows of states (S, n) that differ from the row before them (a pass can leave a block
     unchanged: the confirming pass, or changes after an EOS that the block is cut at)."""
@@ -290,13 +299,16 @@ def jacobi_decode(model, idx, max_new_tokens, n=16, eos_id=None, guess="prefix",
 # Jacobi trajectories of many prompts at once: the training data of a CLLM
 
 @torch.no_grad()
-def collect_trajectories(model, prompts, n, max_new_tokens, eos_id=None, guess="prefix", seeds=None):
-    """Jacobi-decode many prompts side by side; return, per prompt, its [BlockTrajectory].
+def collect_trajectories(model, prompts, n, max_new_tokens, eos_id=None, guess="prefix", seeds=None,
+                         repeat_limit=0):
+    """Jacobi-decode many prompts side by side; return, per prompt, its [BlockTrajectory], or
+    None where the output repeats one token repeat_limit times in a row (repeat_limit > 0): such
+    a prompt is dropped, it teaches collapse (the authors drop such a block, not the prompt).
 
     The same states as jacobi_decode(model, prompt, ..., seed=seeds[i]).trajectory, computed for
     a whole batch at once: every row sits at its own positions in one KV cache (input_pos
     (B, T)), and each iteration re-runs every row's whole block, so that rows that converged
-    early keep final keys and values while the others go on.
+    early keep final keys and values (the same values as before) while the others go on.
     """
     device, context = next(model.parameters()).device, model.config.block_size
     seeds = seeds if seeds is not None else [0] * len(prompts)
@@ -348,4 +360,5 @@ def collect_trajectories(model, prompts, n, max_new_tokens, eos_id=None, guess="
         active = [active[r] for r in keep]
         if len(keep) < len(converged):
             cache.keep_rows(torch.tensor(keep, dtype=torch.long, device=device))
-    return trajectories
+    outputs = [torch.cat([b.fixed_point for b in t]).tolist() if t else [] for t in trajectories]
+    return [None if repeat_limit and longest_run(o) >= repeat_limit else t for o, t in zip(outputs, trajectories)]

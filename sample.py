@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (configure, decode_text, encode_prompts, find_checkpoint, load_model, run,
-                    setup_device)
+from common import decode_text, encode_prompts, find_checkpoint, load_model, own_n, run, setup_device
 from data.common import generation_length, load_encoding, load_meta, load_records
+from extras.configurator import configure
 from extras.table import timed
 from jacobi import greedy_decode, jacobi_decode, stationary_tokens
 
@@ -40,7 +40,7 @@ class SampleConfig:
                                       # have run train_cllm.py
     ckpt: str = ""                    # a checkpoint path instead of out_dir/ckpt.pt
     jacobi: bool = False              # Jacobi decoding instead of greedy AR
-    n: int = 16                       # Jacobi block size
+    n: int = 0                        # Jacobi block size; 0: the checkpoint's own (common.own_n)
     show: bool = False                # print every Jacobi iteration (implies --jacobi)
     compare: bool = False             # AR and Jacobi on the same prompt
     start: str = ""                   # a prompt (\\n: a new line), or FILE:path; empty: test prompts
@@ -151,11 +151,11 @@ def main(argv):
     models = [("model", model)]
     target_path = os.path.join(ckpt["config"].get("target_dir", ""), "ckpt.pt")
     if cfg.show and ckpt.get("kind") == "cllm" and os.path.isfile(target_path):
-        models = [("target", load_model(target_path, device, dataset)[0]), ("CLLM", model)]
-    n, guess = cfg.n, ckpt["config"].get("guess", "prefix")  # the initial guess it was trained with
-    if (cfg.jacobi or cfg.show or cfg.compare) and ckpt["config"].get("n", n) != n:
-        print(f"note: this CLLM was distilled with n={ckpt['config']['n']}; --n={ckpt['config']['n']} "
-              "decodes the way it was trained")
+        name = "CLLM" if ckpt.get("iter_num") else "CLLM (the target itself, iteration 0)"
+        models = [("target", load_model(target_path, device, dataset)[0]), (name, model)]
+    n, guess = cfg.n or own_n(ckpt), ckpt["config"].get("guess", "prefix")  # (the guess it was trained with)
+    if (cfg.jacobi or cfg.show or cfg.compare) and n != own_n(ckpt, n):
+        print(f"note: this CLLM was chosen by its Jacobi tokens per forward at n={own_n(ckpt)}")
     colour = use_colour()
     max_new_tokens = cfg.max_new_tokens or generation_length(load_meta(dataset), model.config.block_size)
     texts = prompts_to_run(cfg, dataset)

@@ -36,11 +36,12 @@ from typing import Literal
 import numpy as np
 import torch
 
-from common import (Interrupt, check_context, configure, encode_prompts, load_checkpoint,
-                    note_changed_settings, optimizer_step, refuse_to_overwrite, run, save_checkpoint,
-                    set_lr, setup_device, tokenizer_fingerprint)
+from common import (Interrupt, check_context, encode_prompts, load_checkpoint, optimizer_step,
+                    refuse_to_overwrite, run, save_checkpoint, set_lr, setup_device,
+                    tokenizer_fingerprint)
 from data.common import (context_length, ensure_prepared, generation_length, load_encoding,
                          load_meta, load_records, load_tokens)
+from extras.configurator import configure, note_changed_settings
 from extras import ddp
 from extras.gpt2 import load_gpt2
 from extras.quality import answer_loss, greedy_quality

@@ -12,39 +12,41 @@ target's (the quality guard keeps a checkpoint only when they are).
 Ctrl-C or a scheduler's SIGTERM stops it after the current step, saved, with the command that
 goes on (common.Interrupt).
 
-Read top to bottom:
-1. trajectories: the target Jacobi-decodes the training prompts (jacobi.collect_trajectories);
-   every state y^(0) .. y* of every block is kept, in out_dir/trajectories.pt:
+Read top to bottom (main, at the end, runs the steps in this order):
+1. trajectories: the target Jacobi-decodes the training prompts (collect_batch, a call into
+   jacobi.collect_trajectories); every state y^(0) .. y* of every block is kept:
        record = {"prompt": (P,) ids, "answer": (A,) ground truth + EOS, "states": [(S_k, b_k)]}
 2. the losses: consistency_loss and ar_loss, the paper's equations, and
    distillation_loss_reference, the loss of a batch with one plain forward per sequence;
-3. the packed batch: pack_row and distillation_loss compute the same in one forward per batch;
-4. the loop: AdamW from the target's weights; every eval_interval steps the CLLM is evaluated on
-   val prompts and ckpt.pt keeps the best one within the target's quality (the quality guard);
+3. the packed batch: pack_row, collate and distillation_loss compute the same in one forward;
+4. the loop: AdamW from the target's weights (train_step); every eval_interval steps the CLLM is
+   Jacobi-decoded on val prompts and the quality guard (guard) picks the checkpoint kept in
+   ckpt.pt: the most tokens per forward within the target's quality (evaluate_and_keep);
 5. the report: target vs CLLM on held-out test prompts (extras/table.py).
+Saving trajectories once, DDP, the report's wording and the Jacobi Forcing recipe are extras/.
 """
 
 import copy
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from common import (Interrupt, check_context, configure, encode_prompts, fingerprint,
-                    load_checkpoint, load_model, note_changed_settings, optimizer_step,
-                    refuse_to_overwrite, run, save_checkpoint, set_lr, setup_device,
-                    tokenizer_fingerprint)
-from data.common import (ensure_prepared, generation_length, load_encoding, load_meta, load_records,
-                         trajectory_length)
+from common import (Interrupt, encode_prompts, fingerprint, load_model, optimizer_step,
+                    refuse_to_overwrite, run, save_checkpoint, set_lr, setup_device, tokenizer_fingerprint)
+from data.common import ensure_prepared, generation_length, load_encoding, load_meta, load_records, trajectory_length
 from extras import ddp
-from extras.jacobi_forcing import noisy_streams
-from extras.quality import (QUALITY_TOLERANCE, REPEAT_LIMIT, describe, evaluate, guard, stop_line,
+from extras.configurator import check_cllm_settings, configure
+from extras.jacobi_forcing import load_previous_round, noisy_streams
+from extras.quality import (QUALITY_TOLERANCE, REPEAT_LIMIT, describe, evaluate, quality_problems, stop_line,
                             tolerance_of, unfit_target)
-from extras.table import cost_line, report
+from extras.resume import exit_if_interrupted, resume, save_last
+from extras.table import cost_line, loss_line, report
 from extras.trajectories import load_or_collect
+from jacobi import collect_trajectories
 from model import pack
 
 
@@ -55,12 +57,9 @@ class CLLMConfig:
     dataset: str = "arith"           # data/<dataset>, made by data/<dataset>/prepare.py
     init_from: Literal["target", "resume"] = "target"  # the target's weights, or out_dir/last.pt
     # 1. trajectories
-    n: int = 16                      # Jacobi block size
+    n: int = 16                      # Jacobi block size of the trajectories (training)
     guess: Literal["prefix", "repeat"] = "prefix"  # the initial guess y^(0) (jacobi.initial_guess)
     num_prompts: int = 4000          # training prompts to collect trajectories on
-    traj_max_new_tokens: int = 0     # tokens decoded per prompt; 0: 95% of the data's answers fit
-    collect_batch: int = 64          # prompts decoded side by side
-    repeat_limit: int = REPEAT_LIMIT  # drop a prompt whose output repeats a token this many times
     # 2. the losses: consistency + ar_weight * AR
     consistency: Literal["global", "local"] = "global"  # map a state to y*, or to the next state
     ar_weight: float = 10.0          # the weight w of the AR loss (the authors'; docs/results.md
@@ -74,22 +73,28 @@ class CLLMConfig:
     max_iters: int = 2200            # optimizer steps
     learning_rate: float = 1e-3      # after warmup_iters, cosine decay to min_lr
     min_lr: float = 1e-4             # the learning rate at the end
-    warmup_iters: int = 50           # linear warm-up steps
-    lr_decay_iters: int = 0          # cosine reaches min_lr here; 0: at max_iters
-    grad_clip: float = 1.0           # clip the gradient norm to this (0: no clipping)
     # 4. evaluation: which checkpoint is the CLLM, and the final table
+    decode_n: int = 0                # Jacobi block size of the evaluations and the table; 0: n
     eval_interval: int = 200         # Jacobi-decode the val prompts every this many steps
     val_prompts: int = 50            # val prompts of each evaluation
     test_prompts: int = 200          # test prompts of the final table (0: no table), where the
                                      # CLLM is paired with its target prompt by prompt
-    max_new_tokens: int = 0          # tokens decoded per prompt there; 0: from the data
-    force: bool = False              # distil a target that the check before collection calls unfit
-    log_interval: int = 25           # a progress line every this many steps
+    seed: int = 1337                 # the trajectories' guesses, the batches, the states drawn
     device: str = "auto"             # auto: cuda when there is one, else cpu
+    # practicalities (defaults that rarely need changing)
+    traj_max_new_tokens: int = 0     # tokens decoded per prompt; 0: 95% of the data's answers fit
+    max_new_tokens: int = 0          # tokens decoded per prompt in the evaluations; 0: from the data
+    collect_batch: int = 64          # prompts decoded side by side in the collection
+    repeat_limit: int = REPEAT_LIMIT  # drop a prompt whose output repeats a token this many times
+    warmup_iters: int = 50           # linear warm-up steps
+    lr_decay_iters: int = 0          # cosine reaches min_lr here; 0: at max_iters
+    grad_clip: float = 1.0           # clip the gradient norm to this (0: no clipping)
+    grad_accum: int = 1              # micro-steps per step (extras/ddp.py)
+    log_interval: int = 25           # a progress line every this many steps
+    force: bool = False              # distil a target that the check before collection calls unfit
     compile: bool = False            # torch.compile the model (a GPU setting)
     autocast: Literal["auto", "bfloat16", "float32"] = "auto"  # training precision: auto =
                                      # bf16 autocast on CUDA, float32 on CPU; bfloat16 on a CPU too
-    seed: int = 1337                 # the trajectories' guesses, the batches, the states drawn
     # extras (a learner may skip them)
     recipe: Literal["cllm", "jacobi_forcing"] = "cllm"  # jacobi_forcing: noisy streams of states
                                      # (extras/jacobi_forcing.py); states_per_block streams
@@ -100,15 +105,31 @@ class CLLMConfig:
                                      # token on (0: all, the paper)
     label_smoothing: float = 0.0     # of the AR loss
     blocks: int = 2                  # the sliding-window decoder (extras/decoders.py) over blocks
-                                     # * n tokens, in the evaluations and the table (0: none)
+                                     # * decode_n tokens, in the evaluations and the table (0: none)
     lookup: bool = False             # the table also has prompt lookup, the training-free peer
-    max_loss_rise: float = QUALITY_TOLERANCE["answer_loss"]  # the guard (extras/quality.py)
-                                     # accepts this much more answer loss than the target's,
+    max_loss_rise: float = QUALITY_TOLERANCE["answer_loss"]  # the guard accepts this much more
+                                     # answer loss than the target's,
     max_quality_drop: float = QUALITY_TOLERANCE["quality"]  # this much less task quality,
     max_repeat_rise: float = QUALITY_TOLERANCE["repeated"]  # and this much more repetition
     guard_patience: int = 5          # stop after this many unacceptable evaluations that do not
                                      # recover (0: never); distilling arith dips for up to 5
-    grad_accum: int = 1              # micro-steps per step (extras/ddp.py)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. trajectories
+
+def collect_batch(cfg, source, enc, records, ids, first):
+    """The records of one batch of training prompts (ids: their token ids): the source model (the
+    target, or the previous round's CLLM) Jacobi-decodes them side by side, prompt i with seed
+    cfg.seed + first + i. A prompt whose output repeats one token repeat_limit times is dropped:
+    it teaches collapse. Returns (records, how many prompts were dropped)."""
+    trajectories = collect_trajectories(source, ids, cfg.n, cfg.traj_max_new_tokens, enc.eot_token,
+                                        cfg.guess, [cfg.seed + first + i for i in range(len(ids))],
+                                        cfg.repeat_limit)
+    kept = [dict(prompt=prompt, answer=torch.tensor(enc.encode_ordinary(r["answer"]) + [enc.eot_token]),
+                 states=[block.states.to(torch.int32).cpu() for block in blocks])
+            for r, prompt, blocks in zip(records, ids, trajectories) if blocks is not None]
+    return kept, len(ids) - len(kept)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,34 +304,44 @@ def pack_row(record, picks, cfg, context):
                      torch.cat([empty] + [first_col[te] + off + cols for _, te, off, cols in pairs]))
 
 
+class Batch(NamedTuple):
+    """Packed rows padded to one batch (collate): the input of distillation_loss."""
+    tokens: torch.Tensor     # (B, T)
+    positions: torch.Tensor  # (B, T)
+    attn: torch.Tensor       # (B, T, T) bool
+    labels: torch.Tensor     # (B, T) AR labels, -1 where none
+    student: torch.Tensor    # (C, 2) (row, column) of each logit the consistency loss trains
+    teacher: torch.Tensor    # (C, 2) (row, column) of the logit it is pulled towards
+
+
 def collate(rows, device):
-    """Pad packed rows to one batch. Padding attends only to itself (a query that sees nothing
+    """Pad packed rows to one Batch. Padding attends only to itself (a query that sees nothing
     would make softmax NaN) and has no label. Consistency columns become (row, column) pairs."""
     B, T = len(rows), max(len(r.tokens) for r in rows)
     tokens = torch.zeros(B, T, dtype=torch.long)
     positions = torch.zeros(B, T, dtype=torch.long)
     attn = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1)
     labels = torch.full((B, T), -1, dtype=torch.long)
-    student, teacher = [], []
     for b, r in enumerate(rows):
         L = len(r.tokens)
         tokens[b, :L], positions[b, :L], attn[b, :L, :L], labels[b, :L] = r.tokens, r.positions, r.attn, r.labels
-        student.append(torch.stack([torch.full_like(r.student, b), r.student], 1))
-        teacher.append(torch.stack([torch.full_like(r.teacher, b), r.teacher], 1))
-    student, teacher = torch.cat(student), torch.cat(teacher)
-    return [t.to(device) for t in (tokens, positions, attn, labels, student, teacher)]
+    pairs = lambda cols: torch.cat([torch.stack([torch.full_like(c, b), c], 1) for b, c in enumerate(cols)])
+    batch = Batch(tokens, positions, attn, labels, pairs([r.student for r in rows]),
+                  pairs([r.teacher for r in rows]))
+    return Batch(*(t.to(device) for t in batch))
 
 
 def distillation_loss(model, batch, cfg, shares=(1.0, 1.0)):
-    """(total, consistency, AR) for one packed batch: consistency + ar_weight * AR.
+    """(total, consistency, AR) for one packed Batch: consistency + ar_weight * AR.
 
     shares: the batch's share of the consistency positions and of the AR labels of the whole step
     when it is one part of it (a micro-step, or one process's part): the two means are weighted by
     them, so that the parts' losses add up to the loss of the whole batch."""
-    tokens, positions, attn, labels, student, teacher = batch
-    logits, _ = model(tokens, input_pos=positions, attn_mask=attn)  # (B, T, V)
+    logits, _ = model(batch.tokens, input_pos=batch.positions, attn_mask=batch.attn)  # (B, T, V)
+    student, teacher = batch.student, batch.teacher
     l_c = consistency_loss(logits[student[:, 0], student[:, 1]], logits[teacher[:, 0], teacher[:, 1]])
-    l_ar = ar_loss(logits, labels, cfg.label_smoothing) if (labels != -1).any() else logits.sum() * 0.0
+    # (no labels: a batch part of fixed points alone; the check reads the device once per micro-step)
+    l_ar = ar_loss(logits, batch.labels, cfg.label_smoothing) if (batch.labels != -1).any() else logits.sum() * 0.0
     l_c, l_ar = shares[0] * l_c, shares[1] * l_ar
     return l_c + cfg.ar_weight * l_ar, l_c, l_ar
 
@@ -333,206 +364,156 @@ def choose_states(records, cfg, generator):
 # ----------------------------------------------------------------------------------------------
 # 4. the loop
 
-def check_settings(cfg, meta, context, say):
-    """What the target's context and the data allow, checked before any work: each failure is an
-    error that says what to change."""
-    if cfg.val_prompts < 1:
-        raise ValueError("val_prompts must be at least 1: the guard chooses the CLLM by them")
-    decoded = min(cfg.traj_max_new_tokens, cfg.max_new_tokens)
-    if cfg.n > decoded:
-        raise ValueError(f"a Jacobi block of n={cfg.n} tokens is longer than the {decoded} tokens "
-                         f"decoded per prompt (traj_max_new_tokens {cfg.traj_max_new_tokens}, "
-                         f"max_new_tokens {cfg.max_new_tokens}): no block would be full; use "
-                         f"--n={decoded} or less")
-    longest = max(cfg.traj_max_new_tokens, cfg.max_new_tokens)
-    check_context(meta, context, longest, f"the target's context of {context} tokens",
-                  "train a target with a larger --block_size (python train.py)", say,
-                  setting="traj_max_new_tokens" if longest > cfg.max_new_tokens else "max_new_tokens")
+def guard(curve, tolerance, patience):
+    """The quality guard: which evaluation is the CLLM, and whether to stop. curve[0] is the
+    target's own evaluation; a point is acceptable when its answer loss, task quality and share of
+    repetitive outputs are within the tolerance of the target's (quality_problems lists those that
+    are not). Returns (the index of the acceptable point with the most tokens/forward, the
+    problems of the last point, whether to stop: the last `patience` points were all unacceptable
+    and over them the answer loss did not fall or the repetition rose, a collapse rather than the
+    dip that distillation often makes early and recovers from)."""
+    problems = [quality_problems(point, curve[0], tolerance) for point in curve]
+    best = max((i for i, p in enumerate(problems) if not p), key=lambda i: curve[i]["tokens_per_forward"])
+    bad = curve[max(i for i, p in enumerate(problems) if not p) + 1:]  # unacceptable, in a row
+    stop = 0 < patience <= len(bad) and (bad[-1]["answer_loss"] >= bad[-patience]["answer_loss"] or
+                                         bad[-1]["repeated"] > bad[-patience]["repeated"])
+    return best, problems[-1], stop
 
 
-def load_previous_round(cfg, target_id, device, say):
-    """The CLLM of the previous round (Jacobi Forcing's progressive rounds): previous_round/ckpt.pt
-    collects this round's trajectories and is its starting point. It must come from target_dir,
-    which the guard and the table still judge against."""
-    model, ckpt = load_model(os.path.join(cfg.previous_round, "ckpt.pt"), device, cfg.dataset, say)
-    if ckpt.get("target") != target_id:
-        raise ValueError(f"{cfg.previous_round}/ckpt.pt was not distilled from {cfg.target_dir}: a round "
-                         "goes on from a CLLM of the same target (--target_dir)")
-    return model
+@dataclass
+class Progress:
+    """Where a run stands: what last.pt keeps besides the weights and the optimizer."""
+    iter_num: int = 0
+    curve: list = field(default_factory=list)  # an evaluation every eval_interval steps; [0]: the target's
+    train_secs: float = 0.0                    # time spent in train_step
+    batch_gen: torch.Generator = None          # draws batches and states, the same on every process
+    stopped: str = None                        # the guard's stop line, once it has stopped the run
+
+
+def train_step(model, train_model, optimizer, records, cfg, progress, world, autocast):
+    """One optimizer step on batch_size records drawn at random, each a packed row (pack_row);
+    under DDP each process takes its share. Returns (consistency, AR) of the step, on the device."""
+    drawn = torch.randint(len(records), (cfg.batch_size,), generator=progress.batch_gen).tolist()
+    picked = [records[i] for i in drawn]
+    choices = choose_states(picked, cfg, progress.batch_gen)  # for the whole batch, on every process
+    mine = ddp.my_share(list(zip(picked, choices)), world, len(picked) // world.size)
+    rows = [pack_row(r, c, cfg, model.config.block_size) for r, c in mine]
+    terms = torch.zeros(2, device=model.lm_head.weight.device)
+    for part, shares, sync in ddp.micro_batches(rows, train_model, world, cfg.grad_accum):
+        with autocast, sync:
+            loss, l_c, l_ar = distillation_loss(train_model, collate(part, terms.device), cfg, shares)
+            (loss * world.size).backward()  # DDP averages over the processes; the shares sum
+        terms += torch.stack([l_c.detach().float(), l_ar.detach().float()])
+    optimizer_step(model, optimizer, cfg.grad_clip)
+    return terms
+
+
+def checkpoint_of(model, progress, about):
+    """What ckpt.pt holds: the weights, the model's shape, what it was distilled from, the curve."""
+    return dict(about, model=model.state_dict(), model_args=asdict(model.config),
+                iter_num=progress.iter_num, curve=progress.curve)
+
+
+def evaluate_and_keep(point, model, target, progress, about, tolerance, cfg):
+    """Add an evaluation to the curve and let the guard judge it: ckpt.pt when it is the best so
+    far (at iteration 0, the target's weights), and the stop line when it says stop."""
+    progress.curve.append(dict(iter=progress.iter_num, train_minutes=round(progress.train_secs / 60, 2), **point))
+    best, problems, stop = guard(progress.curve, tolerance, cfg.guard_patience)
+    newest = best == len(progress.curve) - 1
+    print(describe(progress.curve[-1], about["metric"], None if newest else progress.curve[best]["iter"], problems))
+    if newest:
+        state = checkpoint_of(model, progress, about)
+        save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"),
+                        state if progress.iter_num else dict(state, model=target.state_dict()))
+    if stop:
+        progress.stopped = stop_line(progress.curve, cfg.guard_patience, tolerance)
+        print(progress.stopped)
 
 
 def main(argv):
     cfg = configure(CLLMConfig(), argv)
     device, autocast = setup_device(cfg.device, cfg.autocast)
     world, device = ddp.init(device)
+    ddp.per_process_batch(cfg.batch_size, cfg.grad_accum, world)  # (refuses a batch that does not split)
     say = print if world.master else lambda *a, **k: None
-    per_process = ddp.per_process_batch(cfg.batch_size, cfg.grad_accum, world)
     refuse_to_overwrite(cfg.out_dir, cfg.init_from)
     # a fresh clone prepares data/arith here (~5 s); under torchrun it must be there already
     meta = ensure_prepared(cfg.dataset) if world.size == 1 else load_meta(cfg.dataset)
     target, target_ckpt = load_model(os.path.join(cfg.target_dir, "ckpt.pt"), device, cfg.dataset, say)
-    enc = load_encoding(cfg.dataset)
-    context = target.config.block_size
-    cfg = replace(cfg, max_new_tokens=cfg.max_new_tokens or generation_length(meta, context),
+    enc, context = load_encoding(cfg.dataset), target.config.block_size
+    cfg = replace(cfg, decode_n=cfg.decode_n or cfg.n,
+                  max_new_tokens=cfg.max_new_tokens or generation_length(meta, context),
                   traj_max_new_tokens=cfg.traj_max_new_tokens or trajectory_length(meta, context, cfg.n))
-    check_settings(cfg, meta, context, say)
+    check_cllm_settings(cfg, meta, context, say)
     interrupt = Interrupt("train_cllm.py", argv, world.size, world.master)  # Ctrl-C, SIGTERM
     torch.manual_seed(cfg.seed + world.rank)
     target_id = fingerprint(target.state_dict())  # which target the trajectories and CLLM come from
     source = load_previous_round(cfg, target_id, device, say) if cfg.previous_round else target
-    tokenizer = tokenizer_fingerprint(cfg.dataset)  # which tokenizer the CLLM decodes with
+    about = dict(config=asdict(cfg), dataset=cfg.dataset, kind="cllm", target=target_id, metric=meta["metric"],
+                 tokenizer=tokenizer_fingerprint(cfg.dataset))  # what each checkpoint says it is
     val_records = load_records(cfg.dataset, "val")[:cfg.val_prompts] if world.master else []
     val_prompts = encode_prompts(enc, val_records, target, cfg.max_new_tokens, device, "val prompts")
+    evaluate_on_val = lambda m: evaluate(m, enc, val_prompts, val_records, cfg, meta["metric"], device)
 
     # 0. is the target worth distilling? Its evaluation is also the first point of the curve
-    first = unfit = eval_secs = None
-    if world.master and cfg.init_from == "target":
-        t = time.time()
-        first = evaluate(target, enc, val_prompts, val_records, cfg, meta["metric"], cfg.max_new_tokens, device)
-        unfit = unfit_target(first, val_records, enc, cfg.max_new_tokens, meta["metric"])
-        eval_secs = time.time() - t
+    first = evaluate_on_val(target) if world.master and cfg.init_from == "target" else None
+    unfit = first and unfit_target(first, val_records, enc, cfg.max_new_tokens, meta["metric"])
     if ddp.all_gather(unfit, world)[0] and not cfg.force:
         raise ValueError(unfit)
 
     # 1. the trajectories of the target (or of the previous round's CLLM), collected once
-    records = load_or_collect(cfg, source, fingerprint(source.state_dict()), enc, world, interrupt)
-    if not records:
-        raise ValueError("no usable trajectories (every prompt was dropped as repetitive)")
+    records = load_or_collect(cfg, source, enc, world, interrupt, collect_batch)
 
-    # the CLLM starts from the target's weights (the previous round's; or last.pt of an earlier run)
-    tolerance = tolerance_of(asdict(cfg))
-    last_path, best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "ckpt.pt")
-    batch_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every process
-    iter_num, curve, train_secs, stopped, last_eval = 0, [], 0.0, None, -1
-    if cfg.init_from == "resume":
-        model, checkpoint = load_checkpoint(last_path, device)
-        note_changed_settings(checkpoint["config"], cfg)
-        iter_num, curve, train_secs = checkpoint["iter_num"], checkpoint["curve"], checkpoint["train_secs"]
-        last_eval = curve[-1]["iter"]
-        if world.master and guard(curve, tolerance, cfg.guard_patience)[2]:  # the guard stopped it
-            stopped = stop_line(curve, cfg.guard_patience, tolerance)
-            print(f"{cfg.out_dir} was stopped by the guard: {stopped}")
-        stopped = ddp.all_gather(stopped, world)[0]
-        batch_gen.set_state(checkpoint["batch_rng"])
-        ddp.restore_rng(checkpoint["torch_rng"], world)
-    else:
-        model = copy.deepcopy(source)
-    model.train()
+    # 4. the loop, from the target's weights (the previous round's; or last.pt of an earlier run)
+    model = copy.deepcopy(source).train()
     optimizer = model.configure_optimizers(0.0, cfg.learning_rate, device.type)
+    progress, tolerance = Progress(batch_gen=torch.Generator().manual_seed(cfg.seed)), tolerance_of(asdict(cfg))
     if cfg.init_from == "resume":
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        resume(cfg, model, optimizer, progress, world)
+        if guard(progress.curve, tolerance, cfg.guard_patience)[2]:
+            progress.stopped = stop_line(progress.curve, cfg.guard_patience, tolerance)
+            say(f"{cfg.out_dir} was stopped by the guard: {progress.stopped}")
     train_model = ddp.wrap(torch.compile(model) if cfg.compile else model, world, device)
-    loss = (f"{cfg.recipe} recipe, {cfg.consistency} consistency + {cfg.ar_weight} * AR ({cfg.ar_target})"
-            if cfg.states_per_block else "the AR loss alone (states_per_block=0), a control: ckpt.pt "
-            "is chosen by tokens/forward as for a CLLM; compare its last.pt with the CLLM's iteration")
-    say(f"distilling on {len(records)} prompts ({sum(len(r['states']) for r in records)} blocks): "
-        f"{loss}, from iter {iter_num} to {cfg.max_iters}")
-
-    def model_state():
-        """What ckpt.pt holds: the weights, the model's shape, the settings, the curve so far."""
-        return dict(model=model.state_dict(), model_args=asdict(model.config), iter_num=iter_num,
-                    config=asdict(cfg), dataset=cfg.dataset, kind="cllm", target=target_id,
-                    tokenizer=tokenizer, curve=curve)
-
-    def save_last(state, rng):
-        """last.pt: state and everything else needed to continue exactly from this step."""
-        save_checkpoint(last_path, dict(state, optimizer=optimizer.state_dict(), train_secs=train_secs,
-                                        batch_rng=batch_gen.get_state(), torch_rng=rng))
-
-    def evaluate_and_save():
-        """Evaluate on the val prompts; last.pt always, ckpt.pt when the guard has a new best."""
-        nonlocal stopped, last_eval, eval_secs, first
-        last_eval = iter_num
-        rng = ddp.all_gather(torch.get_rng_state(), world)  # every process's RNG, for resuming
-        if world.master:
-            if first is not None:  # iteration 0 of a fresh run: the target's evaluation, above
-                e, first = first, None
-            else:
-                t = time.time()
-                e = evaluate(model, enc, val_prompts, val_records, cfg, meta["metric"], cfg.max_new_tokens,
-                             device)
-                eval_secs = time.time() - t
-            curve.append(dict(iter=iter_num, train_minutes=round(train_secs / 60, 2), **e))
-            best, problems, stop = guard(curve, tolerance, cfg.guard_patience)
-            print(describe(curve[-1], meta["metric"], len(val_records), eval_secs,
-                           None if best == len(curve) - 1 else curve[best]["iter"], problems))
-            state = model_state()
-            if iter_num > 0:
-                save_last(state, rng)
-            if best == len(curve) - 1:  # the CLLM: the most tokens/forward, quality kept (point 0 of
-                # the curve is the target's evaluation, so there ckpt.pt is the target)
-                save_checkpoint(best_path, state if iter_num else dict(state, model=target.state_dict()))
-            if stop:
-                stopped = stop_line(curve, cfg.guard_patience, tolerance)
-                print(stopped)
-            model.train()  # (evaluate leaves it in eval mode)
-        stopped = ddp.all_gather(stopped, world)[0]  # rank 0 decides
-
-    def exit_if_interrupted():
-        """After Ctrl-C or SIGTERM (to any process: all stop at the same step): last.pt at this
-        step, and the line that says how to go on (before the first step: nothing to save, the
-        same command goes on from the trajectories)."""
-        signum = ddp.first_of(interrupt.signal, world)
-        if not signum:
-            return
-        if iter_num:  # (at 0, after a signal late in the collection, nothing is trained)
-            rng = ddp.all_gather(torch.get_rng_state(), world)  # every process's RNG, for resuming
-            if world.master:
-                save_last(model_state(), rng)
-        ddp.finish(world)
-        where = (f"stopped at iteration {iter_num} of {cfg.max_iters}, saved in {last_path}" if iter_num
-                 else f"stopped before the first step, the trajectories saved in {cfg.out_dir}")
-        interrupt.exit(signum, where, resume=iter_num > 0)
-
-    t0, last_log, start, start_secs = time.time(), iter_num, iter_num, train_secs
+    say(f"distilling on {len(records)} prompts ({sum(len(r['states']) for r in records)} blocks), "
+        f"iterations {progress.iter_num} to {cfg.max_iters}: " + loss_line(cfg))
+    state = lambda: checkpoint_of(model, progress, about)
+    last_eval = progress.curve[-1]["iter"] if progress.curve else -1
+    t0, last_log, start = time.time(), progress.iter_num, (progress.iter_num, progress.train_secs)
     with interrupt:
-        while iter_num < cfg.max_iters and not stopped:
-            exit_if_interrupted()
-            if iter_num % cfg.eval_interval == 0 and last_eval != iter_num:
-                evaluate_and_save()
-                t0, last_log = time.time(), iter_num
-                if stopped:
-                    break
-            lr = set_lr(optimizer, iter_num, cfg, cfg.max_iters)
+        while not progress.stopped:
+            exit_if_interrupted(interrupt, cfg, state, optimizer, progress, world)
+            it = progress.iter_num
+            if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != last_eval:
+                if world.master:  # (iteration 0 of a fresh run: the target's evaluation, above)
+                    evaluate_and_keep(first or evaluate_on_val(model), model, target, progress, about,
+                                      tolerance, cfg)
+                    first = None
+                    model.train()  # (evaluate leaves it in eval mode)
+                if it > 0:
+                    save_last(state(), optimizer, progress, world)
+                progress.stopped = ddp.all_gather(progress.stopped, world)[0]  # rank 0 decides
+                t0, last_log, last_eval = time.time(), it, it
+            if progress.stopped or it >= cfg.max_iters:
+                break
+            lr = set_lr(optimizer, it, cfg, cfg.max_iters)
             step_start = time.time()
-            idx = torch.randint(len(records), (cfg.batch_size,), generator=batch_gen).tolist()
-            picked = [records[i] for i in idx]
-            choices = choose_states(picked, cfg, batch_gen)  # drawn for the whole batch by every process
-            mine = ddp.my_share(list(zip(picked, choices)), world, per_process * cfg.grad_accum)
-            rows = [pack_row(r, c, cfg, context) for r, c in mine]
-            counts = ddp.all_sum([sum(len(r.student) for r in rows),  # the whole batch's positions
-                                  sum(int((r.labels != -1).sum()) for r in rows)], world)
-            terms = torch.zeros(2, device=device)  # read at the log lines only
-            for micro, sync in ddp.micro_steps(train_model, world, cfg.grad_accum):
-                part = rows[micro * per_process:(micro + 1) * per_process]
-                shares = (sum(len(r.student) for r in part) / max(counts[0], 1),
-                          sum(int((r.labels != -1).sum()) for r in part) / max(counts[1], 1))
-                with autocast, sync:
-                    loss, l_c, l_ar = distillation_loss(train_model, collate(part, device), cfg, shares)
-                    (loss * world.size).backward()  # DDP averages over the processes; the shares sum
-                terms += torch.stack([l_c.detach().float(), l_ar.detach().float()])
-            optimizer_step(model, optimizer, cfg.grad_clip)
-            train_secs += time.time() - step_start
-            iter_num += 1
-            if iter_num == start + 5 and world.master:  # what the rest will cost, a few steps in
-                tests = len(load_records(cfg.dataset, "test")[:cfg.test_prompts])  # (or a smaller split)
-                print(cost_line(cfg, iter_num, (train_secs - start_secs) / 5, eval_secs, tests))
-            if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+            terms = train_step(model, train_model, optimizer, records, cfg, progress, world, autocast)
+            progress.train_secs += time.time() - step_start
+            progress.iter_num += 1
+            if progress.iter_num == start[0] + 5 and world.master:  # what the rest costs, a few steps in
+                print(cost_line(cfg, progress.iter_num, (progress.train_secs - start[1]) / 5, progress.curve,
+                                len(load_records(cfg.dataset, "test")[:cfg.test_prompts])))
+            if progress.iter_num % cfg.log_interval == 0 or progress.iter_num == cfg.max_iters:
                 l_c, l_ar = ddp.all_sum(terms.tolist(), world)  # the whole batch's means
-                dt = (time.time() - t0) / (iter_num - last_log)
-                t0, last_log = time.time(), iter_num
-                say(f"iter {iter_num}: loss {l_c + cfg.ar_weight * l_ar:.4f} (consistency {l_c:.4f}, "
-                    f"ar {l_ar:.4f}), lr {lr:.2e}, time {dt * 1000:.0f}ms, "
-                    f"eta {(cfg.max_iters - iter_num) * dt / 60:.1f} min")
-        if not stopped:
-            if last_eval != iter_num:
-                evaluate_and_save()
-            exit_if_interrupted()  # (a signal during that evaluation)
+                dt = (time.time() - t0) / (progress.iter_num - last_log)
+                t0, last_log = time.time(), progress.iter_num
+                say(f"iter {progress.iter_num}: loss {l_c + cfg.ar_weight * l_ar:.4f} (consistency "
+                    f"{l_c:.4f}, ar {l_ar:.4f}), lr {lr:.2e}, time {dt * 1000:.0f}ms, "
+                    f"eta {(cfg.max_iters - progress.iter_num) * dt / 60:.1f} min")
+        exit_if_interrupted(interrupt, cfg, state, optimizer, progress, world)  # (in the last evaluation)
 
     # 5. the report, with the checkpoint the guard kept
-    results = {}
-    if world.master:
-        results = report(cfg, target, target_ckpt, enc, meta, curve, stopped, cfg.max_new_tokens, device)
+    results = report(cfg, target, target_ckpt, enc, meta, progress.curve, progress.stopped, device) if world.master else {}
     ddp.finish(world)
     return results
 

@@ -227,15 +227,6 @@ def parses(prompt, completion):
         return False
 
 
-def longest_run(tokens):
-    """Length of the longest run of one token repeated: a generation that repeats itself."""
-    best = run = 1 if len(tokens) else 0
-    for a, b in zip(tokens, tokens[1:]):
-        run = run + 1 if a == b else 1
-        best = max(best, run)
-    return best
-
-
 def score(metric, record, completion):
     """1.0 if a completion is right by the dataset's measure, else 0.0; None for 'loss'.
     accuracy: the number after '####' is the answer's; parse: the function body parses;

@@ -76,6 +76,18 @@ def micro_steps(train_model, world, grad_accum):
         yield micro, (train_model.no_sync() if world.size > 1 and not last else nullcontext())
 
 
+def micro_batches(rows, train_model, world, grad_accum):
+    """(part, shares, context) for each micro-step over this process's packed rows
+    (train_cllm.pack_row). shares: the part's share of the whole step's consistency positions and
+    AR labels, over all processes, so that the parts' losses add up to the whole batch's."""
+    counts = all_sum([sum(len(r.student) for r in rows), sum(int((r.labels != -1).sum()) for r in rows)], world)
+    size = len(rows) // grad_accum
+    for micro, sync in micro_steps(train_model, world, grad_accum):
+        part = rows[micro * size:(micro + 1) * size]
+        yield part, (sum(len(r.student) for r in part) / max(counts[0], 1),
+                     sum(int((r.labels != -1).sum()) for r in part) / max(counts[1], 1)), sync
+
+
 def restore_rng(rng, world):
     """Set this process's torch RNG from a checkpoint's list of every process's states; a run
     resumed on another number of processes takes rank 0's (a documented approximation)."""

@@ -8,10 +8,14 @@ after the prompt and the earlier *noisy* blocks, which is what a decoder meets w
 several blocks at once. The loss is train_cllm.py's: a stream is one choice (0, [j_1, j_2, ..])
 for train_cllm.consistency_pair, and its consistency is masked block by block
 (train_cllm.kept_columns). How this departs from Jacobi Forcing's released recipe is listed in
-docs/recipes.md.
+docs/recipes.md. load_previous_round starts a second round from a first round's CLLM.
 """
 
+import os
+
 import torch
+
+from common import load_model
 
 
 def noise_ratio(state, fixed):
@@ -40,3 +44,14 @@ def noisy_streams(record, k, window, generator):
             js.append(noise.index(min(noise)))
         streams.append((0, js))
     return streams
+
+
+def load_previous_round(cfg, target_id, device, say):
+    """Jacobi Forcing's progressive rounds (--previous_round): the previous round's CLLM,
+    previous_round/ckpt.pt, collects this round's trajectories and is its starting point. It must
+    come from target_dir, which the guard and the table still judge against."""
+    model, ckpt = load_model(os.path.join(cfg.previous_round, "ckpt.pt"), device, cfg.dataset, say)
+    if ckpt.get("target") != target_id:
+        raise ValueError(f"{cfg.previous_round}/ckpt.pt was not distilled from {cfg.target_dir}: a round "
+                         "goes on from a CLLM of the same target (--target_dir)")
+    return model

@@ -1,26 +1,28 @@
 """
-Extra (a learner may skip it): how good a model's outputs are, measured in one place, and the
-quality guard that keeps a speedup from being bought with quality.
+Extra (a learner may skip it): how good a model's outputs are, measured in one place, and what
+the quality guard (train_cllm.guard) says in words.
 
 - answer_loss: the held-out loss of the answers given their prompts (every dataset has it).
 - greedy_quality: the task's own score of greedy outputs (accuracy, parse rate, exact match).
 - evaluate: a CLLM during distillation: Jacobi tokens per forward, quality, repetition, loss.
 - unfit_target: whether a target has learned its task well enough to be worth distilling.
 - paired: a model against its target on the same prompts: the prompts it loses and gains.
-- quality_problems, guard, stop_line: which evaluation is acceptable, which checkpoint is the
-  CLLM, when a run is collapsing, and the line it stops with.
+- quality_problems, stop_line: why an evaluation is not acceptable, in words, and the line a
+  collapsing run stops with (train_cllm.guard is the rule that uses them).
 - verdict: one line per model under the final table.
 
 The measurements behind the tolerances and the advice are in docs/own-data.md.
 """
 
+import time
+
 import torch
 import torch.nn.functional as F
 
 from common import decode_text, prompt_budget
-from data.common import longest_run, score
+from data.common import score
 from extras.decoders import sliding_window_jacobi_decode
-from jacobi import greedy_decode, jacobi_decode
+from jacobi import greedy_decode, jacobi_decode, longest_run
 
 # how far a CLLM's quality may fall below its target's and its speedup still count as usable
 QUALITY_TOLERANCE = dict(answer_loss=0.05,  # nats of held-out answer loss more than the target's
@@ -110,18 +112,18 @@ def greedy_quality(model, enc, prompts, records, metric, max_new_tokens):
 
 
 @torch.no_grad()
-def evaluate(model, enc, prompts, records, cfg, metric, max_new_tokens, device):
-    """Jacobi-decode held-out prompts: tokens per forward (and with the sliding window), the
-    task's quality (None where there is none), the share of repetitive outputs, the answer loss."""
+def evaluate(model, enc, prompts, records, cfg, metric, device):
+    """Jacobi-decode held-out prompts in blocks of cfg.decode_n: tokens per forward (and with the
+    sliding window), the task's quality (None where there is none), the share of repetitive
+    outputs, the answer loss, and the seconds it took."""
     model.eval()
-    tokens = forwards = window_forwards = 0
-    outputs = []
+    t0, tokens, forwards, window_forwards, outputs = time.time(), 0, 0, 0, []
     for p in prompts:
-        out, stats = jacobi_decode(model, p, max_new_tokens, cfg.n, enc.eot_token, cfg.guess)
+        out, stats = jacobi_decode(model, p, cfg.max_new_tokens, cfg.decode_n, enc.eot_token, cfg.guess)
         tokens, forwards = tokens + stats.tokens, forwards + stats.forwards
         if cfg.blocks:  # the same tokens (exactness), in fewer passes
             window_forwards += sliding_window_jacobi_decode(
-                model, p, max_new_tokens, cfg.n, cfg.blocks, enc.eot_token, cfg.guess)[1].forwards
+                model, p, cfg.max_new_tokens, cfg.decode_n, cfg.blocks, enc.eot_token, cfg.guess)[1].forwards
         outputs.append(out)
     lists = [o.tolist() for o in outputs]
     scores = task_scores(metric, records, outputs, enc)
@@ -129,8 +131,9 @@ def evaluate(model, enc, prompts, records, cfg, metric, max_new_tokens, device):
                 window_tokens_per_forward=tokens / max(window_forwards, 1) if cfg.blocks else None,
                 repeated=repetition_rate(lists, cfg.repeat_limit),
                 quality=mean(scores), scores=scores,
-                answer_loss=answer_loss(model, enc, records, max_new_tokens, device),
-                ended=sum(enc.eot_token in o for o in lists) / max(len(lists), 1))
+                answer_loss=answer_loss(model, enc, records, cfg.max_new_tokens, device),
+                ended=sum(enc.eot_token in o for o in lists) / max(len(lists), 1),
+                prompts=len(prompts), seconds=round(time.time() - t0, 1))
 
 
 def unfit_target(point, records, enc, max_new_tokens, metric):
@@ -187,21 +190,6 @@ def baseline_of(results):
     return name, results[name]["AR"] if name else None
 
 
-def guard(curve, tolerance, patience):
-    """Read the curve of evaluations (curve[0]: the target itself). A point is acceptable when its
-    quality is within the tolerance of the target's. Returns (the index of the best acceptable
-    point: most tokens/forward, the problems of the last point, whether to stop: the last
-    `patience` points were all unacceptable, and over them the answer loss did not fall or the
-    share of repetitive outputs rose: a collapse, rather than the dip that distillation often
-    makes early and then recovers from)."""
-    problems = [quality_problems(point, curve[0], tolerance) for point in curve]
-    best = max((i for i, p in enumerate(problems) if not p), key=lambda i: curve[i]["tokens_per_forward"])
-    bad = curve[max(i for i, p in enumerate(problems) if not p) + 1:]  # unacceptable, in a row
-    stop = 0 < patience <= len(bad) and (bad[-1]["answer_loss"] >= bad[-patience]["answer_loss"] or
-                                         bad[-1]["repeated"] > bad[-patience]["repeated"])
-    return best, problems[-1], stop
-
-
 def stop_line(curve, patience, tolerance):
     """The line that ends a collapsing run: what happened and what to try, in two sentences."""
     last, base = curve[-1], curve[0]
@@ -216,14 +204,14 @@ def stop_line(curve, patience, tolerance):
             "or use prompt lookup (docs/own-data.md).")
 
 
-def describe(point, metric, num_prompts, secs, best, problems):
+def describe(point, metric, best, problems):
     """The log line of one evaluation: its numbers and what the guard made of it."""
     q = f"{metric} {point['quality']:.3f}, " if point["quality"] is not None else ""
     window = point["window_tokens_per_forward"]
     window = f" ({window:.2f} sliding window)" if window else ""
     return (f"eval iter {point['iter']}: tokens/forward {point['tokens_per_forward']:.2f}{window}, {q}"
             f"answer loss {point['answer_loss']:.4f}, repetitive {point['repeated']:.0%} on "
-            f"{num_prompts} val prompts ({secs:.1f}s): "
+            f"{point['prompts']} val prompts ({point['seconds']:.1f}s): "
             + (f"outside the quality tolerance ({'; '.join(problems)})" if problems else
                "the best so far within the quality tolerance: ckpt.pt" if best is None else
                f"acceptable; the best stays iteration {best}"))  # best: None when this point is it

@@ -211,7 +211,7 @@ def held_out_comparison(models, enc, records, metric, methods, max_new_tokens, d
     return results, text
 
 
-def report(cfg, target, target_ckpt, enc, meta, curve, stopped, max_new_tokens, device):
+def report(cfg, target, target_ckpt, enc, meta, curve, stopped, device):
     """The end of train_cllm.py: the held-out table with the model the guard chose
     (out_dir/ckpt.pt), the curve, and results.json. The verdict is bench.py's, at
     QUALITY_TOLERANCE, whatever tolerance the guard ran with."""
@@ -228,11 +228,12 @@ def report(cfg, target, target_ckpt, enc, meta, curve, stopped, max_new_tokens, 
               f"({environment(device)['device']}, {torch.get_num_threads()} threads):")
         # the target gets no sliding-window row: it is slower than plain Jacobi on an ordinary
         # model and the most expensive row (bench.py --blocks=2 measures it)
-        methods = dict(target=methods_for([cfg.n], max_new_tokens, enc.eot_token, 0, cfg.lookup, cfg.guess),
-                       CLLM=methods_for([cfg.n], max_new_tokens, enc.eot_token, cfg.blocks, cfg.lookup,
-                                        cfg.guess))
+        methods = dict(target=methods_for([cfg.decode_n], cfg.max_new_tokens, enc.eot_token, 0, cfg.lookup,
+                                          cfg.guess),
+                       CLLM=methods_for([cfg.decode_n], cfg.max_new_tokens, enc.eot_token, cfg.blocks,
+                                        cfg.lookup, cfg.guess))
         results, text = held_out_comparison({"target": target, "CLLM": model}, enc, test_records,
-                                            meta["metric"], methods, max_new_tokens, device)
+                                            meta["metric"], methods, cfg.max_new_tokens, device)
         print(text)
         note = quality_gain_note(target_ckpt, meta["metric"], results, cfg.out_dir)
         if note:
@@ -275,18 +276,28 @@ def quality_gain_note(target_ckpt, metric, results, out_dir, tolerance=QUALITY_T
             "(docs/own-data.md).")
 
 
-def cost_line(cfg, iter_num, secs_per_iter, eval_secs, test_prompts):
+def loss_line(cfg):
+    """What a run trains on, in words: the loss, or that it is the AR-only control."""
+    if not cfg.states_per_block:
+        return ("the AR loss alone (states_per_block=0), a control: ckpt.pt is chosen by tokens/forward "
+                "as for a CLLM; compare its last.pt with the CLLM's iteration")
+    return f"{cfg.recipe} recipe, {cfg.consistency} consistency + {cfg.ar_weight} * AR ({cfg.ar_target})"
+
+
+def cost_line(cfg, iter_num, secs_per_iter, curve, test_prompts):
     """The line that says, a few steps into distillation, what the rest of the run will cost:
-    the steps left, the evaluations left (each timed like the first, on the target: later ones are
-    faster), and the final table on test_prompts prompts (the setting, or fewer when the data's
-    test split is smaller; its decodes each about as slow as one of an evaluation's)."""
+    the steps left, the evaluations left (each timed like the last one on the curve: the target's
+    in a fresh run, and later ones are faster), and the final table on test_prompts prompts (the
+    setting, or fewer when the data's test split is smaller; its decodes each about as slow as one
+    of an evaluation's)."""
     steps = (cfg.max_iters - iter_num) * secs_per_iter
     evals = sum(k % cfg.eval_interval == 0 or k == cfg.max_iters for k in range(iter_num + 1, cfg.max_iters + 1))
-    if eval_secs is None:  # a resumed run that has not evaluated yet
+    eval_secs = curve[-1].get("seconds") if curve else None
+    if eval_secs is None:  # (a run resumed from a checkpoint whose evaluations were not timed)
         return (f"expected: {steps / 60:.1f} min of distillation ({secs_per_iter:.2f} s per step), "
                 f"then {evals} evaluations and the table")
     decodes = 2 + 2 + bool(cfg.blocks) + 2 * cfg.lookup  # AR + Jacobi of two models, the extras
-    per_decode = eval_secs / max(cfg.val_prompts, 1) / (1 + bool(cfg.blocks))
+    per_decode = eval_secs / max(curve[-1]["prompts"], 1) / (1 + bool(cfg.blocks))
     table = test_prompts * decodes * per_decode
     total = steps + evals * eval_secs + table
     return (f"expected: {steps / 60:.1f} min of distillation ({secs_per_iter:.2f} s per step), "

@@ -1,16 +1,14 @@
 """
 Extra (a learner may skip it): the bookkeeping around collecting trajectories. The method is
-jacobi.collect_trajectories (the target Jacobi-decodes many prompts side by side, every state of
-every block kept); this file saves its output once per target, resumes a killed collection, and
-splits the work between processes under torchrun.
+train_cllm.collect_batch, a call into jacobi.collect_trajectories (the target, or the previous
+round's CLLM, Jacobi-decodes many prompts side by side, every state of every block kept); this
+file saves its records once per source model, resumes a killed collection, and splits the work
+between processes under torchrun.
 
     out_dir/trajectories.pt   {"meta": what they came from, "stats": ..., "prompts": [record]}
     record                    {"prompt": (P,) token ids, "answer": (A,) the ground truth + EOS,
                                "states": [(S_k, b_k) int32 per block k: y^(0) .. y*]}
 
-The target (or the previous round's CLLM) decodes the prompts in batches
-(jacobi.collect_trajectories). Prompts whose output repeats one token repeat_limit times are
-dropped: they teach collapse (the authors drop such a block, not the whole prompt).
 Finished batches are saved to trajectories.partial<rank>.pt every half minute and when Ctrl-C or
 SIGTERM stops the collection, so that a rerun goes on from there instead of starting again.
 """
@@ -21,17 +19,16 @@ import time
 
 import torch
 
-from common import encode_prompts, save_checkpoint, tokenizer_fingerprint
-from data.common import load_records, longest_run
+from common import encode_prompts, fingerprint, save_checkpoint, tokenizer_fingerprint
+from data.common import load_records
 from extras import ddp
-from jacobi import collect_trajectories
 
 SAVE_EVERY = 30.0  # seconds between saves of the finished batches
 
 
-def trajectory_meta(cfg, target_id):
+def trajectory_meta(cfg, source_id):
     """What a trajectory file must match to be reused."""
-    return dict(target=target_id, dataset=cfg.dataset, tokenizer=tokenizer_fingerprint(cfg.dataset),
+    return dict(target=source_id, dataset=cfg.dataset, tokenizer=tokenizer_fingerprint(cfg.dataset),
                 n=cfg.n, guess=cfg.guess, num_prompts=cfg.num_prompts,
                 max_new_tokens=cfg.traj_max_new_tokens, repeat_limit=cfg.repeat_limit, seed=cfg.seed)
 
@@ -51,40 +48,23 @@ def read(path, meta):
     return data
 
 
-def collect_batch(cfg, target, enc, records, ids, first):
-    """Trajectories of the prompts ids[i] of records[i] (seed cfg.seed + first + i);
-    (kept records, dropped count)."""
-    trajs = collect_trajectories(target, ids, cfg.n, cfg.traj_max_new_tokens, enc.eot_token,
-                                 cfg.guess, seeds=[cfg.seed + first + i for i in range(len(records))])
-    kept, dropped = [], 0
-    for r, prompt, blocks in zip(records, ids, trajs):
-        output = torch.cat([b.fixed_point for b in blocks]).tolist() if blocks else []
-        if longest_run(output) >= cfg.repeat_limit:
-            dropped += 1  # degenerate: a run of one token, which teaches collapse
-            continue
-        answer = enc.encode_ordinary(r["answer"]) + [enc.eot_token]
-        kept.append(dict(prompt=prompt, answer=torch.tensor(answer),
-                         states=[b.states.to(torch.int32).cpu() for b in blocks]))
-    return kept, dropped
-
-
-def load_or_collect(cfg, target, target_id, enc, world, interrupt):
-    """The trajectories of the target (or of the previous round's CLLM: train_cllm.py passes it as
-    target) on the first num_prompts training prompts, from
-    out_dir/trajectories.pt when it matches the current target, tokenizer and settings.
+def load_or_collect(cfg, source, enc, world, interrupt, collect_batch):
+    """The records of the first num_prompts training prompts, collected by
+    collect_batch(cfg, source, enc, records, ids, first) (train_cllm.collect_batch), or read from
+    out_dir/trajectories.pt when it matches the source model, tokenizer and settings.
     Under torchrun each process collects every world.size-th batch; all get the whole list, and
     rank 0 writes the same file one process would. After Ctrl-C or SIGTERM (common.Interrupt) the
     finished batches are saved, and the same command goes on from them."""
     path = os.path.join(cfg.out_dir, "trajectories.pt")
     partial = os.path.join(cfg.out_dir, f"trajectories.partial{world.rank}.pt")
-    meta = trajectory_meta(cfg, target_id)
+    meta = trajectory_meta(cfg, fingerprint(source.state_dict()))
     say = print if world.master else lambda *a, **k: None
     if os.path.isfile(path):
         data = read(path, meta)
         say(f"reusing {path}: {data['stats']}")
         return data["prompts"]
     records = load_records(cfg.dataset, "train")[:cfg.num_prompts]
-    ids = encode_prompts(enc, records, target, cfg.traj_max_new_tokens, "cpu", "training prompts", say)
+    ids = encode_prompts(enc, records, source, cfg.traj_max_new_tokens, "cpu", "training prompts", say)
     batches = {}  # first prompt of a batch: (kept records, dropped count)
     partial_meta = dict(meta, collect_batch=cfg.collect_batch)  # batches are keyed by their start
     partials = sorted(glob.glob(os.path.join(cfg.out_dir, "trajectories.partial*.pt")))
@@ -110,7 +90,7 @@ def load_or_collect(cfg, target, target_id, enc, world, interrupt):
             if world.rank < len(firsts):
                 first = firsts[world.rank]
                 chunk = slice(first, first + cfg.collect_batch)
-                mine[first] = collect_batch(cfg, target, enc, records[chunk], ids[chunk], first)
+                mine[first] = collect_batch(cfg, source, enc, records[chunk], ids[chunk], first)
             secs = time.time() - t0
             n_records = sum(len(p["states"]) for kept, _ in mine.values() for p in kept)
             say(f"collect: batches {len(batches) + min(count * world.size, len(todo))}/{len(starts)}, "
@@ -128,6 +108,8 @@ def load_or_collect(cfg, target, target_id, enc, world, interrupt):
     say(f"collected {stats}")
     if world.master:
         save_checkpoint(path, dict(meta=meta, stats=stats, prompts=prompts))
+    if not prompts:
+        raise ValueError("no usable trajectories (every prompt was dropped as repetitive)")
     ddp.barrier(world)  # (the others keep theirs until the file is written)
     if os.path.isfile(partial):
         os.remove(partial)

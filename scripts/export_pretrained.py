@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from an
 
 import torch
 
-from common import SHIPPED, configure, load_checkpoint, run, save_checkpoint
+from common import SHIPPED, load_checkpoint, run, save_checkpoint
+from extras.configurator import configure
 
 KEEP = ("model_args", "config", "dataset", "kind", "iter_num", "max_iters", "target", "val_loss", "curve",
         "tokenizer")

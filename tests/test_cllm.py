@@ -14,14 +14,14 @@ import pytest
 import torch
 
 import train_cllm
-from common import configure
+from extras.configurator import configure
 from conftest import make_model, settings, signal_at_step
-from extras.quality import guard, stop_line
+from extras.quality import stop_line
 from jacobi import collect_trajectories, greedy_decode, jacobi_decode
 from extras.jacobi_forcing import noise_ratio, noisy_streams
 from train_cllm import (CLLMConfig, ar_labels, ar_loss, choose_states, collate, consistency_loss,
                         consistency_mask, consistency_pair, consistency_target, distillation_loss,
-                        distillation_loss_reference, pack_row)
+                        distillation_loss_reference, guard, pack_row)
 
 
 # ----------------------------------------------------------------------------------------------

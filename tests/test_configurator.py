@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from common import configure
+from extras.configurator import configure
 
 
 @dataclass

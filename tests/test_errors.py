@@ -28,8 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("main,args,match", [
-    (sample.main, ["--n=0"], "n must be at least 1, got 0"),
-    (sample.main, ["--n=-3"], "n must be at least 1"),
+    (sample.main, ["--n=-3"], "n must be at least 1, got -3"),
     (sample.main, ["--max_new_tokens=-1"], "max_new_tokens must be at least 0"),
     (bench.main, ["--ns=[16, 0]"], "ns must be at least 1"),
     (bench.main, ["--dtype=float16"], "dtype must be one of 'float32', 'bfloat16'"),
@@ -65,6 +64,9 @@ def test_settings_the_model_or_the_data_cannot_satisfy(tiny_target, tmp_path):
     with pytest.raises(ValueError, match="a Jacobi block of n=200 tokens is longer than the 16 tokens "
                                          "decoded per prompt .*--n=16 or less"):
         train_cllm.main(cllm_args(data, target, str(tmp_path / "c"), n=200, max_iters=0, test_prompts=0))
+    with pytest.raises(ValueError, match=r"a Jacobi block of decode_n=200 tokens is longer than the \d+ tokens "
+                                         r"decoded per prompt \(max_new_tokens\).*--decode_n=\d+ or less"):
+        train_cllm.main(cllm_args(data, target, str(tmp_path / "c2"), decode_n=200, max_iters=0, test_prompts=0))
     short = train.GPT(train.GPTConfig(block_size=64, vocab_size=load_meta(data)["vocab_size"], n_layer=1,
                                       n_head=2, n_embd=32))
     save_checkpoint(str(tmp_path / "short" / "ckpt.pt"), dict(model=short.state_dict(), dataset=data,
@@ -154,7 +156,7 @@ def test_a_killed_collection_goes_on_where_it_stopped(tiny_target, tmp_path, mon
     data, target = tiny_target
     args = lambda out: cllm_args(data, target, out, max_iters=0, val_prompts=1, test_prompts=0)
     train_cllm.main(args(str(tmp_path / "whole")))
-    calls, collect_batch = [], trajectories.collect_batch
+    calls, collect_batch = [], train_cllm.collect_batch
 
     def stopped_after_two(*args):
         if len(calls) == 2 and stop == "kill":
@@ -164,7 +166,7 @@ def test_a_killed_collection_goes_on_where_it_stopped(tiny_target, tmp_path, mon
             assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL  # (else it ends the tests)
             os.kill(os.getpid(), signal.SIGTERM)
         return collect_batch(*args)
-    monkeypatch.setattr(trajectories, "collect_batch", stopped_after_two)
+    monkeypatch.setattr(train_cllm, "collect_batch", stopped_after_two)
     if stop == "kill":
         monkeypatch.setattr(trajectories, "SAVE_EVERY", 0.0)
     out = str(tmp_path / "killed")
@@ -176,7 +178,7 @@ def test_a_killed_collection_goes_on_where_it_stopped(tiny_target, tmp_path, mon
             "SIGTERM: stopped collecting trajectories, 2 of 3 batches done and saved in "
             f"{out}; go on with: python train_cllm.py {shlex.join(args(out))}")
     assert os.path.isfile(os.path.join(out, "trajectories.partial0.pt"))
-    monkeypatch.setattr(trajectories, "collect_batch", collect_batch)
+    monkeypatch.setattr(train_cllm, "collect_batch", collect_batch)
     capsys.readouterr()
     train_cllm.main(args(out))
     assert "2 batches already done before" in capsys.readouterr().out
@@ -197,14 +199,14 @@ def test_a_signal_in_the_last_collection_batch_stops_before_training(tiny_target
     data, target = tiny_target
     out = str(tmp_path / "cllm")
     args = cllm_args(data, target, out, max_iters=2, test_prompts=0)
-    calls, collect_batch = [], trajectories.collect_batch
+    calls, collect_batch = [], train_cllm.collect_batch
 
     def signal_in_the_last(*a):
         calls.append(1)
         if len(calls) == 3:  # the third and last batch
             os.kill(os.getpid(), signal.SIGTERM)
         return collect_batch(*a)
-    monkeypatch.setattr(trajectories, "collect_batch", signal_in_the_last)
+    monkeypatch.setattr(train_cllm, "collect_batch", signal_in_the_last)
     capsys.readouterr()
     with pytest.raises(SystemExit):
         train_cllm.main(args)
@@ -213,7 +215,7 @@ def test_a_signal_in_the_last_collection_batch_stops_before_training(tiny_target
         f"python train_cllm.py {shlex.join(args)}")
     assert os.path.isfile(os.path.join(out, "trajectories.pt"))
     assert not os.path.exists(os.path.join(out, "last.pt")) and not os.path.exists(os.path.join(out, "ckpt.pt"))
-    monkeypatch.setattr(trajectories, "collect_batch", collect_batch)
+    monkeypatch.setattr(train_cllm, "collect_batch", collect_batch)
     train_cllm.main(args)
     assert "reusing" in capsys.readouterr().out
     assert torch.load(os.path.join(out, "last.pt"), weights_only=False)["curve"][0]["iter"] == 0

@@ -142,7 +142,7 @@ def test_the_guard_refuses_a_lost_val_prompt():
     """On 50 val prompts one prompt is 2 points: a checkpoint that loses one, on balance, against a
     target that answers all 50, is outside the tolerance however fast it is; one that loses one
     and gains another is within it. The message gives the paired counts."""
-    from extras.quality import guard
+    from train_cllm import guard
     target = [1] * 49 + [0]
     lost_one = [0] + [1] * 48 + [0]
     swapped = [0] + [1] * 49

@@ -46,9 +46,11 @@ def test_sample_modes(tiny_cllm, tmp_path, capsys, monkeypatch):
     # the same prompts and the same generations; only the stats lines differ
     strip = lambda out: [line for line in out.splitlines() if not line.startswith("tokens ")]
     assert strip(greedy) == strip(jacobi) and greedy.count("tokens/forward") == 2
-    sample.main([f"--out_dir={tiny_cllm}", "--show", "--n=4", "--num_samples=1", "--max_new_tokens=8"])
-    out = capsys.readouterr().out
-    assert "--- target: Jacobi decoding" in out and "--- CLLM: Jacobi decoding" in out
+    sample.main([f"--out_dir={tiny_cllm}", "--show", "--num_samples=1", "--max_new_tokens=8"])
+    out = capsys.readouterr().out  # (no --n: the n the CLLM was trained and chosen with, 4)
+    assert "--- target: Jacobi decoding, n=4 ---" in out and "--- CLLM" in out
+    kept = torch.load(os.path.join(tiny_cllm, "ckpt.pt"), weights_only=False)["iter_num"]
+    assert ("the target itself (the guard kept no distilled checkpoint" in out) == (kept == 0)
     assert "y(0)" in out and "\033[" not in out  # plain markers, no colour codes
     prompt = tmp_path / "p.txt"
     prompt.write_text("Question: Ava has 3 apples. How many apples does Ava have?\nAnswer:\n")

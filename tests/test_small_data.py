@@ -135,12 +135,13 @@ def test_the_cost_line_adds_up():
     47.5 + 5 * 10 + 200 * 5 * 0.1 = 197.5 s."""
     cfg = SimpleNamespace(max_iters=100, eval_interval=20, blocks=2, lookup=False, val_prompts=50,
                           test_prompts=200)
-    line = cost_line(cfg, 5, 0.5, 10.0, 200)
+    timed = [dict(seconds=10.0, prompts=50)]  # the curve: the last evaluation took 10 s
+    line = cost_line(cfg, 5, 0.5, timed, 200)
     assert "0.8 min of distillation (0.50 s per step), 5 evaluations 0.8 min" in line
     assert "the table on 200 test prompts 1.7 min: about 3.3 min more" in line
-    assert cost_line(cfg, 5, 0.5, None, 200).endswith("then 5 evaluations and the table")
+    assert cost_line(cfg, 5, 0.5, [dict(prompts=50)], 200).endswith("then 5 evaluations and the table")
     # a test split of 61 prompts: the table decodes 61, whatever test_prompts asks for
-    assert "the table on 61 test prompts 0.5 min: about 2.1 min more" in cost_line(cfg, 5, 0.5, 10.0, 61)
+    assert "the table on 61 test prompts 0.5 min: about 2.1 min more" in cost_line(cfg, 5, 0.5, timed, 61)
 
 
 def test_a_gain_over_the_target_is_called_further_training():

@@ -21,9 +21,10 @@ from typing import Literal
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))  # run from anywhere
 
-from common import configure, run
+from common import run
 from data.common import is_prepared, split_of, write_dataset
 from data.tokenizer import GPT2_PATTERN, SPLIT_PATTERN
+from extras.configurator import configure
 
 
 @dataclass

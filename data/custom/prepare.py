@@ -20,8 +20,9 @@ from typing import Literal
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))  # run from anywhere
 
-from common import configure, run
+from common import run
 from data.common import SPLITS, is_prepared, split_of, write_dataset
+from extras.configurator import configure
 
 
 @dataclass
