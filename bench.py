@@ -5,8 +5,8 @@ verdict. Without a run of your own it measures the models shipped in pretrained/
 
     python bench.py                          # target vs CLLM on 100 held-out prompts
     python bench.py --ns="[8, 16, 32]" --blocks=2 --lookup --test_prompts=200 --threads=1
-    python bench.py --cllm_dir=out-cllm-pycode
-    python bench.py --cllm_dir=out-cllm-arith --control_dir=out-cllm-arith-control   # + the AR-only control
+    python bench.py --model_dir=out-cllm-pycode
+    python bench.py --model_dir=out-cllm-arith --control_dir=out-cllm-arith-control   # + the AR-only control
     python bench.py --compare_dirs="['out-jf']" --multiblock   # + another CLLM, Jacobi Forcing's decoders
     python bench.py --random                 # an untrained model of nanoGPT's CPU size
     python bench.py --dtype=bfloat16         # half precision (exactness is then not guaranteed)
@@ -35,8 +35,9 @@ from model import GPT, GPTConfig
 
 @dataclass
 class BenchConfig:
-    cllm_dir: str = "out-cllm-arith"  # a checkpoint folder (a CLLM's brings its target along);
-                                      # the shipped CLLM until you have run train_cllm.py
+    model_dir: str = "out-cllm-arith"  # the model to load: the out_dir of train_cllm.py or train.py
+                                      # (a CLLM brings its target); the shipped CLLM until you have
+                                      # run train_cllm.py
     control_dir: str = ""             # an AR-only control to judge the CLLM against (its last.pt)
                                       # (train_cllm.py --states_per_block=0, same settings)
     compare_dirs: list = field(default_factory=list)  # more CLLMs of the same target (e.g. the
@@ -66,7 +67,7 @@ RANDOM_NS, RANDOM_PROMPT_LEN = [4, 8, 16, 32], 32
 def trained_models(cfg, device):
     """The CLLM and its target (or a lone target), and the AR-only control when control_dir is
     set; the checkpoint's dataset and settings."""
-    path = find_checkpoint(cfg.cllm_dir)
+    path = find_checkpoint(cfg.model_dir)
     model, ckpt = load_model(path, device)
     models = {"target": model}
     if ckpt.get("kind") == "cllm":
@@ -82,13 +83,13 @@ def trained_models(cfg, device):
     if cfg.control_dir:
         control, saved = load_model(os.path.join(cfg.control_dir, "last.pt"), device, ckpt["dataset"])
         if saved["config"].get("states_per_block") != 0 or saved.get("target") != ckpt.get("target"):
-            raise ValueError(f"{cfg.control_dir} is not an AR-only control of {cfg.cllm_dir}: make one with "
+            raise ValueError(f"{cfg.control_dir} is not an AR-only control of {cfg.model_dir}: make one with "
                              "the CLLM's command and --states_per_block=0 --out_dir=" + cfg.control_dir)
         models["control"] = control
     for folder in cfg.compare_dirs:
         other, saved = load_model(find_checkpoint(folder), device, ckpt["dataset"])
         if saved.get("target") != ckpt.get("target"):
-            raise ValueError(f"{folder} was not distilled from the target of {cfg.cllm_dir}: a table "
+            raise ValueError(f"{folder} was not distilled from the target of {cfg.model_dir}: a table "
                              "compares the CLLMs of one target")
         name = os.path.basename(folder.rstrip("/"))
         if name in models:

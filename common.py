@@ -146,7 +146,7 @@ def read_checkpoint(path):
         raise ValueError(f"{path} is not a readable checkpoint of this project ({type(e).__name__}"
                          f"{': ' + str(e)[:100] if str(e) else ''}): truncated by a crash, or made by "
                          "something else? Make it again with `python train.py` or `python "
-                         "train_cllm.py`, or point --out_dir/--ckpt at another") from None
+                         "train_cllm.py`, or point --model_dir/--ckpt at another") from None
     return checkpoint
 
 
@@ -207,12 +207,12 @@ def own_n(checkpoint, default=16):
 SHIPPED = {"out-cllm-arith": "pretrained/arith-cllm", "out-arith": "pretrained/arith-target"}
 
 
-def find_checkpoint(out_dir):
-    """out_dir/ckpt.pt; for a default folder that holds no run yet, the model shipped in
+def find_checkpoint(folder):
+    """folder/ckpt.pt; for a default folder that holds no run yet, the model shipped in
     pretrained/ instead (scripts/make_pretrained.sh makes it)."""
-    path = os.path.join(out_dir, "ckpt.pt")
-    if not os.path.isfile(path) and out_dir in SHIPPED:
-        return os.path.join(SHIPPED[out_dir], "ckpt.pt")
+    path = os.path.join(folder, "ckpt.pt")
+    if not os.path.isfile(path) and folder in SHIPPED:
+        return os.path.join(SHIPPED[folder], "ckpt.pt")
     return path
 
 

@@ -2,12 +2,12 @@
 Sample from a model with greedy AR decoding or with Jacobi decoding, and watch the Jacobi fixed
 point form. Without a run of your own it loads the CLLM shipped in pretrained/arith-cllm.
 
-    python sample.py --jacobi                # Jacobi decoding in blocks of --n tokens
+    python sample.py --jacobi                # Jacobi decoding, in blocks of the CLLM's own n (--n)
     python sample.py --show                  # every pass of every block, target then CLLM
     python sample.py --compare               # AR and Jacobi on the same prompt: same tokens? speed
     python sample.py                         # greedy AR
     python sample.py --jacobi --start="Question: Ava has 12 apples. ...\nAnswer:\n"  # or FILE:path
-    python sample.py --out_dir=pretrained/arith-target   # the target model instead of the CLLM
+    python sample.py --model_dir=pretrained/arith-target   # the target model instead of the CLLM
 
 A model knows only prompts like its training data's: the arith models, the six templates of
 data/arith/prepare.py, each a question that ends in a line "Answer:". sample.py says when a
@@ -36,9 +36,9 @@ from jacobi import greedy_decode, jacobi_decode, stationary_tokens
 
 @dataclass
 class SampleConfig:
-    out_dir: str = "out-cllm-arith"   # the model: out_dir/ckpt.pt; the shipped CLLM until you
-                                      # have run train_cllm.py
-    ckpt: str = ""                    # a checkpoint path instead of out_dir/ckpt.pt
+    model_dir: str = "out-cllm-arith"  # the model to load: the out_dir of train_cllm.py or train.py
+                                      # (its ckpt.pt); the shipped CLLM until you have run train_cllm.py
+    ckpt: str = ""                    # a checkpoint path instead of model_dir/ckpt.pt
     jacobi: bool = False              # Jacobi decoding instead of greedy AR
     n: int = 0                        # Jacobi block size; 0: the checkpoint's own (common.own_n)
     show: bool = False                # print every Jacobi iteration (implies --jacobi)
@@ -140,10 +140,10 @@ def check_format(text, records):
 def main(argv):
     cfg = configure(SampleConfig(), argv)
     device, _ = setup_device(cfg.device)
-    path = cfg.ckpt or find_checkpoint(cfg.out_dir)
+    path = cfg.ckpt or find_checkpoint(cfg.model_dir)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}: make one with `python train_cllm.py` "
-                                "(a CLLM) or `python train.py` (a target), or point --out_dir/--ckpt "
+                                "(a CLLM) or `python train.py` (a target), or point --model_dir/--ckpt "
                                 "at one")
     model, ckpt = load_model(path, device)  # (and the dataset it needs, prepared if missing)
     dataset = ckpt["dataset"]

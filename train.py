@@ -1,7 +1,7 @@
 """
 Pretrain the target model: the ordinary AR model that train_cllm.py distils into a CLLM.
 
-    python train.py                                # arith on a CPU, ~35 minutes
+    python train.py                                # arith on a CPU, ~33 minutes
     python train.py config/train_pycode.py         # the stdlib-code target
     python train.py config/train_arith_gpu.py      # a larger target on one GPU
     python train.py --init_from=resume             # continue out_dir/last.pt exactly
@@ -50,7 +50,7 @@ from model import GPT, GPTConfig
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "out-arith"   # the target: out_dir/ckpt.pt (best val loss) and last.pt
+    out_dir: str = "out-arith"   # the target: out_dir/ckpt.pt (best val answer loss) and last.pt
     dataset: str = "arith"       # data/<dataset>, made by data/<dataset>/prepare.py
     init_from: Literal["scratch", "resume", "gpt2"] = "scratch"  # resume: out_dir/last.pt;
                                                                  # gpt2: weights from gpt2_dir
@@ -156,7 +156,7 @@ def training_length(cfg, train_tokens, block_size, judge, say):
     every = max(1, min(cfg.eval_interval, math.ceil(per_epoch)))
     say(f"at most {iters} iterations of {cfg.batch_size} x {block_size} tokens: {iters / per_epoch:.2f} "
         f"epochs of {train_tokens:,} training tokens; an evaluation every {every} iterations"
-        + (f" (one epoch)" if every < cfg.eval_interval else "")
+        + (" (one epoch)" if every < cfg.eval_interval else "")
         + (f", stopping after {cfg.patience} without a better val {judge}" if cfg.patience else ""))
     return iters, every
 

@@ -83,7 +83,8 @@ class CLLMConfig:
     device: str = "auto"             # auto: cuda when there is one, else cpu
     # practicalities (defaults that rarely need changing)
     traj_max_new_tokens: int = 0     # tokens decoded per prompt; 0: 95% of the data's answers fit
-    max_new_tokens: int = 0          # tokens decoded per prompt in the evaluations; 0: from the data
+    max_new_tokens: int = 0          # tokens decoded per prompt in the evaluations and the table;
+                                     # 0: from the data
     collect_batch: int = 64          # prompts decoded side by side in the collection
     repeat_limit: int = REPEAT_LIMIT  # drop a prompt whose output repeats a token this many times
     warmup_iters: int = 50           # linear warm-up steps

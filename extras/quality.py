@@ -80,7 +80,7 @@ def paired(base_scores, scores):
     model's score minus the target's (= (gained - lost) / prompts), se = the standard error of
     that change (of the mean of the paired differences): prompts both get right or both wrong
     add nothing to it, so a paired comparison sees a 1-point change that two unpaired 500-prompt
-    accuracies (each +-1.5 points near 0.9) cannot."""
+    accuracies (each +-1.3 points near 0.9) cannot."""
     diffs = [s - b for b, s in zip(base_scores, scores, strict=True)]
     n = len(diffs)
     change = sum(diffs) / n
@@ -139,7 +139,7 @@ def evaluate(model, enc, prompts, records, cfg, metric, device):
 def unfit_target(point, records, enc, max_new_tokens, metric):
     """The line that refuses to distil a target that has not learned its task, or None. point:
     the target's evaluation on val records. Unfit: no answer right, outputs that do not end where
-    the data's do, or an answer loss above WEAK_ANSWER_LOSS; measured: targets at 0.02 (arith)
+    the data's do, or an answer loss above WEAK_ANSWER_LOSS; measured: targets at 0.0003 and 0.02 (arith)
     and 0.23 nats (SQL) distilled to 2.5-3x, targets at 2.4-3.6 nats (SQL trained too little,
     Bible text, Python code) got nothing or collapsed (docs/own-data.md)."""
     fits = sum(len(enc.encode_ordinary(r["answer"])) < max_new_tokens for r in records) / max(len(records), 1)

@@ -271,7 +271,7 @@ def quality_gain_note(target_ckpt, metric, results, out_dir, tolerance=QUALITY_T
     return (f"note: the CLLM answers better than its target ({change}). Its AR loss trains on the "
             f"data's answers, so part of that is further training, not distillation.{still} The AR-only "
             f"control measures that part: the same command with --states_per_block=0 --out_dir={control}, "
-            f"then python bench.py --cllm_dir={out_dir} --control_dir={control} puts the control's "
+            f"then python bench.py --model_dir={out_dir} --control_dir={control} puts the control's "
             f"{QUALITY_NAMES[metric] or 'answer loss'} in the table and judges the CLLM against it "
             "(docs/own-data.md).")
 

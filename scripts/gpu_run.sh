@@ -15,7 +15,7 @@
 # model compiles in one graph and trains as the eager one.
 #
 # Time-boxed: every step prints its estimate, derived from its sizes, and runs under a limit of
-# 5/4 of it. The estimates add up to about 8 minutes on one H100-class GPU and the limits to at most
+# 5/4 of it. The estimates add up to about 8 minutes on one H100-class GPU and the limits to about
 # 10; they are guesses, not measurements (no GPU has run this script yet): after a run, log.txt
 # and steps.txt have each step's time, to correct the costs below. Results are written as they
 # come: each step's output goes to log.txt line by line (the tests' summary, the target's and the
@@ -202,7 +202,7 @@ for dtype in float32 bfloat16; do
     skip $name "finished in an earlier run"
   elif [ -f "$out/cllm/ckpt.pt" ]; then
     rm -f "$out/$name.json"
-    step $name "$est_bench" "$py" bench.py --cllm_dir="$out/cllm" --dtype=$dtype --blocks=2 --multiblock \
+    step $name "$est_bench" "$py" bench.py --model_dir="$out/cllm" --dtype=$dtype --blocks=2 --multiblock \
       --lookup --test_prompts=$bench_prompts --json_out="$out/$name.json" --device=$dev
   else
     skip $name "no CLLM ($out/cllm/ckpt.pt)"

@@ -25,6 +25,6 @@ step "$py" scripts/export_pretrained.py --src="$work/target" --dst=pretrained/ar
 step "$py" train_cllm.py --out_dir="$work/cllm"   # distils pretrained/arith-target, the default
 step "$py" scripts/export_pretrained.py --src="$work/cllm" --dst=pretrained/arith-cllm \
   --made_by="python train_cllm.py --out_dir=$work/cllm"
-step "$py" bench.py --cllm_dir=pretrained/arith-cllm --test_prompts=500 --blocks=2 --lookup \
+step "$py" bench.py --model_dir=pretrained/arith-cllm --test_prompts=500 --blocks=2 --lookup \
   --json_out="$work/bench.json"
 step "$py" scripts/export_pretrained.py --table="$work/bench.json"

@@ -208,6 +208,49 @@ def fake_batch(g, recipe, cfg, model):
     return records, choices
 
 
+def test_collection_drops_a_prompt_whose_output_repeats_a_token():
+    """repeat_limit: a prompt whose output (the fixed points, i.e. greedy's output) repeats one
+    token that many times in a row gets None instead of its trajectory; 0 drops nothing. The runs
+    are counted here by hand on greedy_decode's outputs."""
+    from test_jacobi import constant_model
+    model, prompts = constant_model(), [torch.tensor([1, 2, 4, 5]), torch.tensor([3, 3])]
+    assert all(t is None for t in collect_trajectories(model, prompts, 4, 12, repeat_limit=12))
+    assert all(t for t in collect_trajectories(model, prompts, 4, 12, repeat_limit=13))  # 3 x 12: a run of 12
+    model = make_model(seed=0).eval()
+    prompts = [torch.randint(50, (5,), generator=torch.Generator().manual_seed(s)) for s in range(8)]
+    runs = []
+    for p in prompts:
+        out, run, longest = greedy_decode(model, p, 12).tolist(), 1, 1
+        for a, b in zip(out, out[1:]):
+            run = run + 1 if a == b else 1
+            longest = max(longest, run)
+        runs.append(longest)
+    limit = sorted(runs)[len(runs) // 2]
+    assert min(runs) < limit  # (prompts on both sides of the limit)
+    kept = collect_trajectories(model, prompts, 4, 12, seeds=list(range(8)), repeat_limit=limit)
+    assert [t is None for t in kept] == [r >= limit for r in runs]
+    assert all(t is not None for t in collect_trajectories(model, prompts, 4, 12, repeat_limit=0))
+
+
+def test_the_evaluations_and_the_table_decode_with_decode_n(tiny_target, tmp_path):
+    """--n=4 --decode_n=2: the trajectories have blocks of 4, the target's evaluation (the first
+    point of the curve) has the tokens per forward of Jacobi decoding at n = 2 (counted here with
+    jacobi_decode on the same val prompts), and the table's rows are at n = 2."""
+    from common import encode_prompts, load_checkpoint
+    from data.common import load_encoding, load_records
+    data, target = tiny_target
+    out = str(tmp_path / "cllm")
+    results = train_cllm.main(cllm_args(data, target, out, decode_n=2, max_iters=2, val_prompts=3))
+    assert torch.load(os.path.join(out, "trajectories.pt"), weights_only=False)["meta"]["n"] == 4
+    assert "Jacobi n=2" in results["CLLM"] and "Jacobi n=4" not in results["CLLM"]
+    model, _ = load_checkpoint(os.path.join(target, "ckpt.pt"))
+    enc = load_encoding(data)
+    prompts = encode_prompts(enc, load_records(data, "val")[:3], model, 16, "cpu", "val prompts")
+    stats = [jacobi_decode(model, p, 16, 2, enc.eot_token)[1] for p in prompts]
+    curve = json.load(open(os.path.join(out, "results.json")))["curve"]
+    assert curve[0]["tokens_per_forward"] == pytest.approx(sum(s.tokens for s in stats) / sum(s.forwards for s in stats))
+
+
 @pytest.mark.parametrize("recipe,kind,ar_target,horizon", [
     ("cllm", "global", "fixed_point", 0), ("cllm", "local", "fixed_point", 0),
     ("cllm", "global", "ground_truth", 0), ("cllm", "local", "ground_truth", 0),

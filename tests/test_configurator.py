@@ -1,4 +1,4 @@
-# Tests of the settings (common.configure): config files, --key=value, and the errors for bad settings.
+# Tests of the settings (extras.configurator.configure): config files, --key=value, and the errors for bad settings.
 # Run: python -m pytest -q tests/test_configurator.py
 from dataclasses import dataclass, field
 

@@ -42,8 +42,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (train_cllm.main, ["--label_smoothing=1.5"], "label_smoothing must be below 1.0"),
 ])
 def test_bad_settings_are_refused_before_any_work(main, args, match, tmp_path):
-    # out_dir/cllm_dir and dataset point at nothing: the settings are checked before a file is read
-    where = {sample.main: "--out_dir", bench.main: "--cllm_dir"}.get(main, "--out_dir")
+    # out_dir/model_dir and dataset point at nothing: the settings are checked before a file is read
+    where = {sample.main: "--model_dir", bench.main: "--model_dir"}.get(main, "--out_dir")
     data = [f"--dataset={tmp_path / 'none'}"] if main in (train.main, train_cllm.main) else []
     with pytest.raises(ValueError, match=match):
         main([f"{where}={tmp_path / 'nothing'}", *data, *args])
@@ -102,7 +102,7 @@ def test_unreadable_checkpoints(tiny_cllm, tmp_path, content):
     if content == "truncated":
         content = open(os.path.join(tiny_cllm, "ckpt.pt"), "rb").read()[:5000]
     (folder / "ckpt.pt").write_bytes(content)
-    for main, key in ((sample.main, "out_dir"), (bench.main, "cllm_dir")):
+    for main, key in ((sample.main, "model_dir"), (bench.main, "model_dir")):
         with pytest.raises(ValueError, match=r"ckpt.pt is not a readable checkpoint of this project"):
             main([f"--{key}={folder}"])
     with pytest.raises(ValueError, match="is not a readable checkpoint"):
@@ -116,7 +116,7 @@ def test_a_checkpoint_for_another_vocabulary(tiny_target, tmp_path):
     bigger = train.GPT(train.GPTConfig(**ckpt["model_args"]))
     save_checkpoint(str(tmp_path / "ckpt.pt"), dict(ckpt, model=bigger.state_dict()))
     with pytest.raises(ValueError, match="trained with another tokenizer than"):
-        sample.main([f"--out_dir={tmp_path}"])
+        sample.main([f"--model_dir={tmp_path}"])
 
 
 def test_a_dataset_with_a_missing_file(tiny_target, tmp_path):
@@ -133,7 +133,7 @@ def test_prompt_and_data_files_that_are_not_utf8(tiny_cllm, tmp_path):
     bad = tmp_path / "p.txt"
     bad.write_bytes("Question: caf\xe9?\n".encode("latin-1"))
     with pytest.raises(ValueError, match="is not UTF-8 text"):
-        sample.main([f"--out_dir={tiny_cllm}", f"--start=FILE:{bad}"])
+        sample.main([f"--model_dir={tiny_cllm}", f"--start=FILE:{bad}"])
     with pytest.raises(ValueError, match="is not UTF-8 text.*iconv"):
         prepare_custom([f"--input={bad}", f"--name={tmp_path / 'x'}"])
 

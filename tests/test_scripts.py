@@ -39,14 +39,14 @@ def test_show_prints_what_the_decoder_committed(capsys):
 
 def test_sample_modes(tiny_cllm, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("NO_COLOR", "1")
-    sample.main([f"--out_dir={tiny_cllm}", "--num_samples=2", "--max_new_tokens=12"])
+    sample.main([f"--model_dir={tiny_cllm}", "--num_samples=2", "--max_new_tokens=12"])
     greedy = capsys.readouterr().out
-    sample.main([f"--out_dir={tiny_cllm}", "--jacobi", "--n=4", "--num_samples=2", "--max_new_tokens=12"])
+    sample.main([f"--model_dir={tiny_cllm}", "--jacobi", "--n=4", "--num_samples=2", "--max_new_tokens=12"])
     jacobi = capsys.readouterr().out
     # the same prompts and the same generations; only the stats lines differ
     strip = lambda out: [line for line in out.splitlines() if not line.startswith("tokens ")]
     assert strip(greedy) == strip(jacobi) and greedy.count("tokens/forward") == 2
-    sample.main([f"--out_dir={tiny_cllm}", "--show", "--num_samples=1", "--max_new_tokens=8"])
+    sample.main([f"--model_dir={tiny_cllm}", "--show", "--num_samples=1", "--max_new_tokens=8"])
     out = capsys.readouterr().out  # (no --n: the n the CLLM was trained and chosen with, 4)
     assert "--- target: Jacobi decoding, n=4 ---" in out and "--- CLLM" in out
     kept = torch.load(os.path.join(tiny_cllm, "ckpt.pt"), weights_only=False)["iter_num"]
@@ -54,19 +54,19 @@ def test_sample_modes(tiny_cllm, tmp_path, capsys, monkeypatch):
     assert "y(0)" in out and "\033[" not in out  # plain markers, no colour codes
     prompt = tmp_path / "p.txt"
     prompt.write_text("Question: Ava has 3 apples. How many apples does Ava have?\nAnswer:\n")
-    sample.main([f"--out_dir={tiny_cllm}", "--compare", f"--start=FILE:{prompt}", "--max_new_tokens=12"])
+    sample.main([f"--model_dir={tiny_cllm}", "--compare", f"--start=FILE:{prompt}", "--max_new_tokens=12"])
     out = capsys.readouterr().out
     assert "identical outputs; Jacobi speedup" in out and "MISMATCH" not in out
 
 
 def test_sample_without_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="python train_cllm.py"):
-        sample.main([f"--out_dir={tmp_path}"])
+        sample.main([f"--model_dir={tmp_path}"])
 
 
 def test_bench_trained_and_random(tiny_cllm, tmp_path, capsys):
     out = tmp_path / "b.json"
-    bench.main([f"--cllm_dir={tiny_cllm}", "--test_prompts=2", "--max_new_tokens=8",
+    bench.main([f"--model_dir={tiny_cllm}", "--test_prompts=2", "--max_new_tokens=8",
                 "--ns=[2, 4]", "--warmup=1", f"--json_out={out}"])
     printed = capsys.readouterr().out
     assert "| CLLM | Jacobi n=4 |" in printed and "| target | AR |" in printed
@@ -86,7 +86,7 @@ def test_bench_compares_cllms_of_one_target_with_jacobi_forcings_decoders(tiny_t
     other = str(tmp_path / "other")
     shutil.copytree(tiny_cllm, other)
     out = tmp_path / "b.json"
-    bench.main([f"--cllm_dir={tiny_cllm}", f"--compare_dirs=['{other}']", "--multiblock", "--ns=[2, 4]",
+    bench.main([f"--model_dir={tiny_cllm}", f"--compare_dirs=['{other}']", "--multiblock", "--ns=[2, 4]",
                 "--test_prompts=2", "--max_new_tokens=8", "--warmup=0", f"--json_out={out}"])
     printed = capsys.readouterr().out
     assert "| other | multi-block n=2 |" in printed and "| CLLM | multi-block + recycling n=4 |" in printed
@@ -94,9 +94,9 @@ def test_bench_compares_cllms_of_one_target_with_jacobi_forcings_decoders(tiny_t
     assert set(results) == {"target", "CLLM", "other"}
     assert all(row["exact"] == "2/2" for m in results.values() for k, row in m.items() if k != "AR")
     with pytest.raises(ValueError, match="not distilled from the target"):
-        bench.main([f"--cllm_dir={tiny_cllm}", f"--compare_dirs=['{target}']", f"--json_out={out}"])
+        bench.main([f"--model_dir={tiny_cllm}", f"--compare_dirs=['{target}']", f"--json_out={out}"])
     with pytest.raises(ValueError, match="two models named 'other'"):
-        bench.main([f"--cllm_dir={tiny_cllm}", f"--compare_dirs=['{other}', '{other}/']", f"--json_out={out}"])
+        bench.main([f"--model_dir={tiny_cllm}", f"--compare_dirs=['{other}', '{other}/']", f"--json_out={out}"])
 
 
 def test_bench_with_the_ar_only_control(tiny_target, tiny_cllm, tmp_path, capsys):
@@ -112,7 +112,7 @@ def test_bench_with_the_ar_only_control(tiny_target, tiny_cllm, tmp_path, capsys
                      "--repeat_limit=1000", "--force", "--states_per_block=0"])
     capsys.readouterr()
     out = tmp_path / "b.json"
-    bench.main([f"--cllm_dir={tiny_cllm}", f"--control_dir={control}", "--test_prompts=3",
+    bench.main([f"--model_dir={tiny_cllm}", f"--control_dir={control}", "--test_prompts=3",
                 "--max_new_tokens=8", "--warmup=0", f"--json_out={out}"])
     printed = capsys.readouterr().out
     assert "| control | AR |" in printed
@@ -121,7 +121,7 @@ def test_bench_with_the_ar_only_control(tiny_target, tiny_cllm, tmp_path, capsys
     pairs = json.loads(out.read_text())["results"]["CLLM"]["AR"]["paired"]
     assert set(pairs) == {"target", "control"} and pairs["control"]["prompts"] == 3
     with pytest.raises(ValueError, match="is not an AR-only control"):
-        bench.main([f"--cllm_dir={tiny_cllm}", f"--control_dir={tiny_cllm}", "--test_prompts=1",
+        bench.main([f"--model_dir={tiny_cllm}", f"--control_dir={tiny_cllm}", "--test_prompts=1",
                     f"--json_out={out}"])
 
 
@@ -196,12 +196,12 @@ def test_a_prompt_unlike_the_data_gets_a_note(tiny_cllm, capsys):
     """A question in the user's own words (no 'Question: ', no 'Answer:' line) gets a note that
     shows a prompt that works; a prompt in the data's format, with \\n typed as two characters,
     gets none."""
-    sample.main([f"--out_dir={tiny_cllm}", "--max_new_tokens=4",
+    sample.main([f"--model_dir={tiny_cllm}", "--max_new_tokens=4",
                  "--start=Tom has 3 apples and buys 5 more. How many apples does Tom have?"])
     out = capsys.readouterr().out
     assert "note: every prompt of the data starts with 'Question: ' and ends with '?\\nAnswer:\\n'" in out
     assert "A prompt that works:\nQuestion: " in out
-    sample.main([f"--out_dir={tiny_cllm}", "--max_new_tokens=4",
+    sample.main([f"--model_dir={tiny_cllm}", "--max_new_tokens=4",
                  "--start=Question: Ava has 3 apples. How many apples does Ava have?\\nAnswer:\\n"])
     out = capsys.readouterr().out
     assert "note: every prompt" not in out and "Ava have?\nAnswer:\n" in out

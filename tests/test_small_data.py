@@ -157,7 +157,7 @@ def test_a_gain_over_the_target_is_called_further_training():
     still = dict(iter_num=1500, config=dict(max_iters=1500))
     note = quality_gain_note(still, "accuracy", better, "out-x", tolerance)
     assert "(accuracy 0.760 -> 0.830)" in note and "--states_per_block=0 --out_dir=out-x-control" in note
-    assert "python bench.py --cllm_dir=out-x --control_dir=out-x-control" in note
+    assert "python bench.py --model_dir=out-x --control_dir=out-x-control" in note
     assert "still improving when its training ended (iteration 1500)" in note
     assert quality_gain_note(still, "accuracy", same, "out-x", tolerance) is None  # no gain to explain
     plateau = dict(iter_num=420, max_iters=1500, config=dict(max_iters=1500))  # patience ended it
