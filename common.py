@@ -146,7 +146,7 @@ def read_checkpoint(path):
         raise ValueError(f"{path} is not a readable checkpoint of this project ({type(e).__name__}"
                          f"{': ' + str(e)[:100] if str(e) else ''}): truncated by a crash, or made by "
                          "something else? Make it again with `python train.py` or `python "
-                         "train_cllm.py`, or point --model_dir/--ckpt at another") from None
+                         "train_cllm.py`, or point the setting at another") from None
     return checkpoint
 
 
@@ -224,10 +224,11 @@ def refuse_to_overwrite(out_dir, init_from):
         raise ValueError(f"{out_dir} already holds a run ({'last.pt' if os.path.isfile(last) else 'ckpt.pt'}): "
                          "continue it with --init_from=resume (a larger --max_iters trains longer), or "
                          "start afresh in another --out_dir (or delete this one)")
-    if init_from == "resume" and not os.path.isfile(last) and os.path.isfile(best):
-        raise ValueError(f"{out_dir} has a ckpt.pt but no last.pt to resume from (a run that ended "
-                         "before its first evaluation, or a shipped model): start afresh in another "
-                         "--out_dir")
+    if init_from == "resume" and not os.path.isfile(last):
+        raise ValueError(f"{out_dir} has no last.pt to resume from"
+                         + (" (its ckpt.pt is a shipped or exported model)" if os.path.isfile(best) else "")
+                         + ": start afresh, without --init_from=resume" + (" and in another --out_dir"
+                                                                            if os.path.isfile(best) else ""))
 
 
 def fingerprint(*parts):

@@ -41,9 +41,10 @@ class SampleConfig:
     ckpt: str = ""                    # a checkpoint path instead of model_dir/ckpt.pt
     jacobi: bool = False              # Jacobi decoding instead of greedy AR
     n: int = 0                        # Jacobi block size; 0: the checkpoint's own (common.own_n)
+    AT_LEAST = dict(n=0)              # (not a setting: n = 0 is allowed here)
     show: bool = False                # print every Jacobi iteration (implies --jacobi)
     compare: bool = False             # AR and Jacobi on the same prompt
-    start: str = ""                   # a prompt (\\n: a new line), or FILE:path; empty: test prompts
+    start: str = ""                   # a prompt (\n: a new line), or FILE:path; empty: test prompts
     num_samples: int = 2              # test prompts to decode when --start is empty
     max_new_tokens: int = 0           # 0: from the data (data/common.generation_length)
     seed: int = 0                     # which held-out prompts, and the Jacobi initial guesses

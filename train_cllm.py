@@ -9,8 +9,8 @@ target's (the quality guard keeps a checkpoint only when they are).
     python train_cllm.py --init_from=resume        # continue out_dir/last.pt exactly
     python train_cllm.py --help                    # every setting, its default and its meaning
 
-Ctrl-C or a scheduler's SIGTERM stops it after the current step, saved, with the command that
-goes on (common.Interrupt).
+Ctrl-C or a scheduler's SIGTERM stops it after the current step, with last.pt saved (from the
+first evaluation on; before it there is nothing to save), and prints the command that goes on.
 
 Read top to bottom (main, at the end, runs the steps in this order):
 1. trajectories: the target Jacobi-decodes the training prompts (collect_batch, a call into
@@ -86,7 +86,8 @@ class CLLMConfig:
     max_new_tokens: int = 0          # tokens decoded per prompt in the evaluations and the table;
                                      # 0: from the data
     collect_batch: int = 64          # prompts decoded side by side in the collection
-    repeat_limit: int = REPEAT_LIMIT  # drop a prompt whose output repeats a token this many times
+    repeat_limit: int = REPEAT_LIMIT  # collection: drop a prompt whose output repeats a token this
+                                     # many times (the guard and the table count at REPEAT_LIMIT)
     warmup_iters: int = 50           # linear warm-up steps
     lr_decay_iters: int = 0          # cosine reaches min_lr here; 0: at max_iters
     grad_clip: float = 1.0           # clip the gradient norm to this (0: no clipping)
@@ -128,8 +129,8 @@ def collect_batch(cfg, source, enc, records, ids, first):
                                         cfg.guess, [cfg.seed + first + i for i in range(len(ids))],
                                         cfg.repeat_limit)
     kept = [dict(prompt=prompt, answer=torch.tensor(enc.encode_ordinary(r["answer"]) + [enc.eot_token]),
-                 states=[block.states.to(torch.int32).cpu() for block in blocks])
-            for r, prompt, blocks in zip(records, ids, trajectories) if blocks is not None]
+                 states=[block.states.to(torch.int32).cpu() for block in trajectory])
+            for r, prompt, trajectory in zip(records, ids, trajectories) if trajectory is not None]
     return kept, len(ids) - len(kept)
 
 
@@ -169,7 +170,7 @@ def consistency_target(states, j, kind):
     raise ValueError(f"consistency must be 'global' or 'local', got {kind!r}")
 
 
-def consistency_mask(state, target, horizon=0, blocks=None):
+def consistency_mask(state, target, horizon=0, lengths=None):
     """(b - 1,) which logits of a block count: the logit at token i predicts token i + 1 from
     inputs y_0 .. y_i; up to the first token where state and target differ the inputs are the
     same, so those positions are masked. horizon > 0 keeps only that many logits from the first
@@ -177,13 +178,13 @@ def consistency_mask(state, target, horizon=0, blocks=None):
     that predicts the first differing token: its inputs are still the same and its KL is 0, so it
     only adds to the count the mean divides by.)
 
-    blocks: the lengths of the blocks that state is made of, for Jacobi Forcing's mask: then
+    lengths: of the blocks that state is made of, for Jacobi Forcing's mask: then
     (b,) each block counts from its own first wrong token to its end, its last logit (that
     predicts the next block's first token) included, and a right block after a wrong one counts
     nothing."""
-    if blocks is not None:  # (each block with one shared token appended: its mask covers all b logits)
+    if lengths is not None:  # (each block with one shared token appended: its mask covers all b logits)
         return torch.cat([consistency_mask(torch.cat([s, s[-1:]]), torch.cat([t, s[-1:]]), horizon)
-                          for s, t in zip(state.split(blocks), target.split(blocks))])
+                          for s, t in zip(state.split(lengths), target.split(lengths))])
     differ = (state[:-1] != target[:-1]).long()
     first = int(differ.argmax()) if differ.any() else len(differ)
     i = torch.arange(len(differ))
@@ -193,8 +194,8 @@ def consistency_mask(state, target, horizon=0, blocks=None):
 def kept_columns(record, choice, y, yhat, cfg):
     """The positions of y whose logits the consistency loss counts: consistency_mask over y, for
     a Jacobi Forcing stream block by block."""
-    blocks = [len(s[-1]) for s in record["states"][choice[0]:]] if cfg.recipe == "jacobi_forcing" else None
-    return consistency_mask(y, yhat, cfg.horizon, blocks).nonzero().flatten()
+    lengths = [len(s[-1]) for s in record["states"][choice[0]:]] if cfg.recipe == "jacobi_forcing" else None
+    return consistency_mask(y, yhat, cfg.horizon, lengths).nonzero().flatten()
 
 
 def consistency_pair(record, choice, kind):
@@ -269,8 +270,8 @@ def pack_row(record, picks, cfg, context):
     so that its logits are those of a separate forward of prefix + segment. The first segment
     gives the AR term when the labels are y*, and the global teachers (y*_k sits in it); the
     ground-truth segment gives the AR term on the dataset's answer. One forward
-    of the row replaces the reference's 1 + 2 * len(picks) forwards (1 + 4K with the defaults:
-    K blocks, 2 states each).
+    of the row replaces the reference's 1 + 2 * len(picks) forwards (up to 1 + 4K with the
+    defaults: K blocks, 2 states each).
     """
     prompt = record["prompt"].long()
     P = len(prompt)
@@ -347,12 +348,12 @@ def distillation_loss(model, batch, cfg, shares=(1.0, 1.0)):
     return l_c + cfg.ar_weight * l_ar, l_c, l_ar
 
 
-def sample_choices(record, k, generator):
-    """Which states a step trains on, the CLLM recipe: for every block, k distinct
+def sample_choices(record, count, generator):
+    """Which states a step trains on, the CLLM recipe: for every block k, `count` distinct
     non-fixed-point states drawn uniformly (fewer if it has fewer), each seen after the clean
     prefix prompt + y*_<k. The paper draws one; more put more of each packed row to use."""
-    return [(b, [j]) for b, s in enumerate(record["states"])
-            for j in torch.randperm(len(s) - 1, generator=generator)[:k].tolist()]
+    return [(k, [j]) for k, s in enumerate(record["states"])
+            for j in torch.randperm(len(s) - 1, generator=generator)[:count].tolist()]
 
 
 def choose_states(records, cfg, generator):
@@ -383,7 +384,8 @@ def guard(curve, tolerance, patience):
 
 @dataclass
 class Progress:
-    """Where a run stands: what last.pt keeps besides the weights and the optimizer."""
+    """Where a run stands. last.pt keeps it with the weights and the optimizer (but `stopped`, which
+    the guard works out again from the curve)."""
     iter_num: int = 0
     curve: list = field(default_factory=list)  # an evaluation every eval_interval steps; [0]: the target's
     train_secs: float = 0.0                    # time spent in train_step
@@ -393,13 +395,16 @@ class Progress:
 
 def train_step(model, train_model, optimizer, records, cfg, progress, world, autocast):
     """One optimizer step on batch_size records drawn at random, each a packed row (pack_row);
-    under DDP each process takes its share. Returns (consistency, AR) of the step, on the device."""
+    under DDP each process takes its share. Returns this process's part of the step's (consistency,
+    AR), on the device: summed over the processes (ddp.all_sum), the step's means."""
     drawn = torch.randint(len(records), (cfg.batch_size,), generator=progress.batch_gen).tolist()
     picked = [records[i] for i in drawn]
     choices = choose_states(picked, cfg, progress.batch_gen)  # for the whole batch, on every process
     mine = ddp.my_share(list(zip(picked, choices)), world, len(picked) // world.size)
     rows = [pack_row(r, c, cfg, model.config.block_size) for r, c in mine]
     terms = torch.zeros(2, device=model.lm_head.weight.device)
+    # shares: a part's share of the step's positions; one process, one micro-step: (1, 1), and the
+    # loss is distillation_loss_reference's
     for part, shares, sync in ddp.micro_batches(rows, train_model, world, cfg.grad_accum):
         with autocast, sync:
             loss, l_c, l_ar = distillation_loss(train_model, collate(part, terms.device), cfg, shares)
@@ -457,9 +462,10 @@ def main(argv):
     evaluate_on_val = lambda m: evaluate(m, enc, val_prompts, val_records, cfg, meta["metric"], device)
 
     # 0. is the target worth distilling? Its evaluation is also the first point of the curve
-    first = evaluate_on_val(target) if world.master and cfg.init_from == "target" else None
-    unfit = first and unfit_target(first, val_records, enc, cfg.max_new_tokens, meta["metric"])
-    if ddp.all_gather(unfit, world)[0] and not cfg.force:
+    target_point = evaluate_on_val(target) if world.master and cfg.init_from == "target" else None
+    unfit = target_point and unfit_target(target_point, val_records, enc, cfg.max_new_tokens, meta["metric"])
+    unfit = ddp.all_gather(unfit, world)[0]  # (rank 0's)
+    if unfit and not cfg.force:
         raise ValueError(unfit)
 
     # 1. the trajectories of the target (or of the previous round's CLLM), collected once
@@ -477,21 +483,20 @@ def main(argv):
     train_model = ddp.wrap(torch.compile(model) if cfg.compile else model, world, device)
     say(f"distilling on {len(records)} prompts ({sum(len(r['states']) for r in records)} blocks), "
         f"iterations {progress.iter_num} to {cfg.max_iters}: " + loss_line(cfg))
-    state = lambda: checkpoint_of(model, progress, about)
+    checkpoint = lambda: checkpoint_of(model, progress, about)
     last_eval = progress.curve[-1]["iter"] if progress.curve else -1
     t0, last_log, start = time.time(), progress.iter_num, (progress.iter_num, progress.train_secs)
     with interrupt:
         while not progress.stopped:
-            exit_if_interrupted(interrupt, cfg, state, optimizer, progress, world)
+            exit_if_interrupted(interrupt, cfg, checkpoint, optimizer, progress, world)
             it = progress.iter_num
             if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != last_eval:
                 if world.master:  # (iteration 0 of a fresh run: the target's evaluation, above)
-                    evaluate_and_keep(first or evaluate_on_val(model), model, target, progress, about,
-                                      tolerance, cfg)
-                    first = None
+                    evaluate_and_keep(target_point or evaluate_on_val(model), model, target, progress,
+                                      about, tolerance, cfg)
+                    target_point = None
                     model.train()  # (evaluate leaves it in eval mode)
-                if it > 0:
-                    save_last(state(), optimizer, progress, world)
+                save_last(checkpoint(), optimizer, progress, world)
                 progress.stopped = ddp.all_gather(progress.stopped, world)[0]  # rank 0 decides
                 t0, last_log, last_eval = time.time(), it, it
             if progress.stopped or it >= cfg.max_iters:
@@ -511,7 +516,7 @@ def main(argv):
                 say(f"iter {progress.iter_num}: loss {l_c + cfg.ar_weight * l_ar:.4f} (consistency "
                     f"{l_c:.4f}, ar {l_ar:.4f}), lr {lr:.2e}, time {dt * 1000:.0f}ms, "
                     f"eta {(cfg.max_iters - progress.iter_num) * dt / 60:.1f} min")
-        exit_if_interrupted(interrupt, cfg, state, optimizer, progress, world)  # (in the last evaluation)
+        exit_if_interrupted(interrupt, cfg, checkpoint, optimizer, progress, world)  # (in the last evaluation)
 
     # 5. the report, with the checkpoint the guard kept
     results = report(cfg, target, target_ckpt, enc, meta, progress.curve, progress.stopped, device) if world.master else {}

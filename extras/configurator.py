@@ -71,16 +71,15 @@ def _parse_value(key, text, default):
 
 
 def check(cfg):
-    """Every setting within its choices and its range; a script's own default is always valid
-    (sample.py's n = 0: the checkpoint's own n)."""
+    """Every setting within its choices and its range (AT_LEAST, or the config class's own
+    AT_LEAST where one setting means more there: sample.py's n = 0, the checkpoint's own n)."""
+    at_least = {**AT_LEAST, **getattr(cfg, "AT_LEAST", {})}
     for f in fields(cfg):
         value = getattr(cfg, f.name)
-        if value == f.default:
-            continue
         if get_origin(f.type) is Literal and value not in get_args(f.type):
             raise ValueError(f"{f.name} must be one of {', '.join(map(repr, get_args(f.type)))}, "
                              f"got {value!r}")
-        least = AT_LEAST.get(f.name)
+        least = at_least.get(f.name)
         for v in (value if isinstance(value, list) else [value]):
             if least is not None and not (isinstance(v, (int, float)) and v >= least):
                 raise ValueError(f"{f.name} must be at least {least}, got {value!r}")

@@ -129,7 +129,7 @@ def evaluate(model, enc, prompts, records, cfg, metric, device):
     scores = task_scores(metric, records, outputs, enc)
     return dict(tokens_per_forward=tokens / max(forwards, 1),
                 window_tokens_per_forward=tokens / max(window_forwards, 1) if cfg.blocks else None,
-                repeated=repetition_rate(lists, cfg.repeat_limit),
+                repeated=repetition_rate(lists),
                 quality=mean(scores), scores=scores,
                 answer_loss=answer_loss(model, enc, records, cfg.max_new_tokens, device),
                 ended=sum(enc.eot_token in o for o in lists) / max(len(lists), 1),

@@ -2,8 +2,8 @@
 Extra (a learner may skip it): the bookkeeping around collecting trajectories. The method is
 train_cllm.collect_batch, a call into jacobi.collect_trajectories (the target, or the previous
 round's CLLM, Jacobi-decodes many prompts side by side, every state of every block kept); this
-file saves its records once per source model, resumes a killed collection, and splits the work
-between processes under torchrun.
+file saves the records in out_dir/trajectories.pt, reused while the source model and the settings
+match, resumes a killed collection, and splits the work between processes under torchrun.
 
     out_dir/trajectories.pt   {"meta": what they came from, "stats": ..., "prompts": [record]}
     record                    {"prompt": (P,) token ids, "answer": (A,) the ground truth + EOS,
@@ -92,9 +92,9 @@ def load_or_collect(cfg, source, enc, world, interrupt, collect_batch):
                 chunk = slice(first, first + cfg.collect_batch)
                 mine[first] = collect_batch(cfg, source, enc, records[chunk], ids[chunk], first)
             secs = time.time() - t0
-            n_records = sum(len(p["states"]) for kept, _ in mine.values() for p in kept)
+            n_blocks = sum(len(p["states"]) for kept, _ in mine.values() for p in kept)  # (this process's)
             say(f"collect: batches {len(batches) + min(count * world.size, len(todo))}/{len(starts)}, "
-                f"{n_records / secs:.0f} records/s, "
+                f"{n_blocks / secs:.0f} blocks/s, "
                 f"eta {(len(rounds) - count) * secs / count / 60:.1f} min")
             if time.time() - last_save > SAVE_EVERY and count < len(rounds):
                 save_checkpoint(partial, dict(meta=partial_meta, batches={**batches, **mine}))
@@ -102,18 +102,19 @@ def load_or_collect(cfg, source, enc, world, interrupt, collect_batch):
     for done in ddp.all_gather(mine, world):  # ddp: every process's batches
         batches.update(done)
     prompts = [p for s in starts for p in batches[s][0]]
-    n_records, secs = sum(len(p["states"]) for p in prompts), time.time() - t0
-    stats = dict(prompts=len(prompts), records=n_records, dropped_prompts=sum(batches[s][1] for s in starts),
-                 seconds=round(secs, 1), records_per_s=round(n_records / max(secs, 1e-9), 1))
+    n_blocks, secs = sum(len(p["states"]) for p in prompts), time.time() - t0
+    stats = dict(prompts=len(prompts), blocks=n_blocks, dropped_prompts=sum(batches[s][1] for s in starts),
+                 seconds=round(secs, 1), blocks_per_s=round(n_blocks / max(secs, 1e-9), 1))
     say(f"collected {stats}")
+    if not prompts:
+        raise ValueError("no usable trajectories: every prompt's output repeats a token repeat_limit times "
+                         "(a target that collapses; docs/own-data.md)")
     if world.master:
         save_checkpoint(path, dict(meta=meta, stats=stats, prompts=prompts))
-    if not prompts:
-        raise ValueError("no usable trajectories (every prompt was dropped as repetitive)")
     ddp.barrier(world)  # (the others keep theirs until the file is written)
-    if os.path.isfile(partial):
-        os.remove(partial)
-    for f in partials if world.master else []:  # left by a run with more processes
-        if os.path.isfile(f):
+    for f in [partial] + (partials if world.master else []):  # (and those of a run with more processes)
+        try:
             os.remove(f)
+        except FileNotFoundError:  # (never written, or removed by another process)
+            pass
     return prompts

@@ -74,11 +74,11 @@ def test_jacobi_forcings_mask_counts_each_block_from_its_own_first_wrong_token()
     on would count."""
     fixed = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9])
     state = torch.tensor([1, 0, 3, 4, 5, 6, 7, 0, 0])
-    per_block = consistency_mask(state, fixed, blocks=[3, 3, 3]).long().tolist()
+    per_block = consistency_mask(state, fixed, lengths=[3, 3, 3]).long().tolist()
     assert per_block == [0, 1, 1, 0, 0, 0, 0, 1, 1]
     assert consistency_mask(state, fixed).long().tolist() == [0, 1, 1, 1, 1, 1, 1, 1]
-    assert consistency_mask(state, fixed, horizon=1, blocks=[3, 3, 3]).long().tolist() == [0, 1, 0, 0, 0, 0, 0, 1, 0]
-    assert not consistency_mask(fixed, fixed, blocks=[4, 5]).any()
+    assert consistency_mask(state, fixed, horizon=1, lengths=[3, 3, 3]).long().tolist() == [0, 1, 0, 0, 0, 0, 0, 1, 0]
+    assert not consistency_mask(fixed, fixed, lengths=[4, 5]).any()
 
 
 def smoothed_cross_entropy(logits, labels, eps):
@@ -462,8 +462,19 @@ def test_pipeline_reuses_and_refuses_trajectories_and_resumes(tiny_target, tmp_p
     assert log.splitlines()[-1].startswith("SIGINT: stopped at iteration 3 of 6, saved in ")
     assert log.splitlines()[-1].endswith(" --init_from=resume")
     train_cllm.main(args(init_from="resume"))
+    first = str(tmp_path / "first")  # a run that ends right after its first evaluation: last.pt at 0
+    os.makedirs(first)
+    shutil.copy(os.path.join(out, "trajectories.pt"), first)
+    train_cllm.main(cllm_args(data, target, first, max_iters=0, lr_decay_iters=6, test_prompts=0))
+    assert torch.load(f"{first}/last.pt", weights_only=False)["iter_num"] == 0
+    train_cllm.main(cllm_args(data, target, first, init_from="resume", max_iters=6, lr_decay_iters=6,
+                              test_prompts=0))
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="has no last.pt to resume from: start afresh, without --init_from"):
+        train_cllm.main(cllm_args(data, target, str(tmp_path / "nothing"), init_from="resume"))
+    assert capsys.readouterr().out == ""  # (refused before any work)
     a = torch.load(f"{straight}/last.pt", weights_only=False)
-    for run in (out, stopped):
+    for run in (out, stopped, first):
         b = torch.load(f"{run}/last.pt", weights_only=False)
         assert a["iter_num"] == b["iter_num"] == 6
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

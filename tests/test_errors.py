@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("main,args,match", [
-    (sample.main, ["--n=-3"], "n must be at least 1, got -3"),
+    (sample.main, ["--n=-3"], "n must be at least 0, got -3"),
     (sample.main, ["--max_new_tokens=-1"], "max_new_tokens must be at least 0"),
     (bench.main, ["--ns=[16, 0]"], "ns must be at least 1"),
     (bench.main, ["--dtype=float16"], "dtype must be one of 'float32', 'bfloat16'"),

@@ -100,7 +100,7 @@ def test_clear_errors(dataset, tmp_path):
         train.main(["--max_iter=3"])
     with pytest.raises(FileNotFoundError, match="is not prepared"):
         train.main([f"--dataset={tmp_path / 'missing'}", f"--out_dir={tmp_path / 'o'}"])
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(ValueError, match="has no last.pt to resume from: start afresh"):
         train.main(tiny_args(dataset, tmp_path / "empty", init_from="resume"))
     with pytest.raises(ValueError, match="fewer than block_size"):
         train.main(tiny_args(dataset, tmp_path / "big", block_size=100000))
