@@ -79,10 +79,17 @@ class CLLMConfig:
     val_prompts: int = 50            # val prompts of each evaluation
     test_prompts: int = 200          # test prompts of the final table (0: no table), where the
                                      # CLLM is paired with its target prompt by prompt
+    max_loss_rise: float = QUALITY_TOLERANCE["answer_loss"]  # the guard accepts this much more
+                                     # answer loss than the target's,
+    max_quality_drop: float = QUALITY_TOLERANCE["quality"]  # this much less task quality,
+    max_repeat_rise: float = QUALITY_TOLERANCE["repeated"]  # and this much more repetition
+    guard_patience: int = 5          # stop after this many unacceptable evaluations that do not
+                                     # recover (0: never); distilling arith dips for up to 5
     seed: int = 1337                 # the trajectories' guesses, the batches, the states drawn
     device: str = "auto"             # auto: cuda when there is one, else cpu
     # practicalities (defaults that rarely need changing)
-    traj_max_new_tokens: int = 0     # tokens decoded per prompt; 0: 95% of the data's answers fit
+    traj_max_new_tokens: int = 0     # tokens decoded per prompt in the collection; 0: whole blocks
+                                     # of n that 95% of the data's answers fit in
     max_new_tokens: int = 0          # tokens decoded per prompt in the evaluations and the table;
                                      # 0: from the data
     collect_batch: int = 64          # prompts decoded side by side in the collection
@@ -109,12 +116,6 @@ class CLLMConfig:
     blocks: int = 2                  # the sliding-window decoder (extras/decoders.py) over blocks
                                      # * decode_n tokens, in the evaluations and the table (0: none)
     lookup: bool = False             # the table also has prompt lookup, the training-free peer
-    max_loss_rise: float = QUALITY_TOLERANCE["answer_loss"]  # the guard accepts this much more
-                                     # answer loss than the target's,
-    max_quality_drop: float = QUALITY_TOLERANCE["quality"]  # this much less task quality,
-    max_repeat_rise: float = QUALITY_TOLERANCE["repeated"]  # and this much more repetition
-    guard_patience: int = 5          # stop after this many unacceptable evaluations that do not
-                                     # recover (0: never); distilling arith dips for up to 5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,7 +343,7 @@ def distillation_loss(model, batch, cfg, shares=(1.0, 1.0)):
     logits, _ = model(batch.tokens, input_pos=batch.positions, attn_mask=batch.attn)  # (B, T, V)
     student, teacher = batch.student, batch.teacher
     l_c = consistency_loss(logits[student[:, 0], student[:, 1]], logits[teacher[:, 0], teacher[:, 1]])
-    # (no labels: a batch part of fixed points alone; the check reads the device once per micro-step)
+    # (a part without labels would make the mean NaN; the check reads the device once per micro-step)
     l_ar = ar_loss(logits, batch.labels, cfg.label_smoothing) if (batch.labels != -1).any() else logits.sum() * 0.0
     l_c, l_ar = shares[0] * l_c, shares[1] * l_ar
     return l_c + cfg.ar_weight * l_ar, l_c, l_ar
