@@ -433,6 +433,10 @@ def test_pipeline_reuses_and_refuses_trajectories_and_resumes(tiny_target, tmp_p
     results = train_cllm.main(cllm_args(data, target, out, lr_decay_iters=6))
     log = capsys.readouterr().out
     assert "collect: batches 3/3" in log and "iter 4: loss" in log and "| CLLM |" in log
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    ended = readme.split("and ended with:\n\n```\n")[1].split("```")[0].splitlines()  # the README's end of a run
+    assert ended[0] in log.splitlines()  # the table's header, as the README shows it
+    assert log.splitlines()[-1].startswith(ended[-1][:len("training curve (val prompts): 0.0 min: ")])
     assert results["CLLM"]["Jacobi n=4"]["exact"] == "2/2" == results["target"]["Jacobi n=4"]["exact"]
     assert "quality_within_tolerance" in results["CLLM"]["AR"]
     straight = str(tmp_path / "straight")  # (the same trajectories: no second collection)

@@ -215,3 +215,19 @@ def test_default_folders_fall_back_to_the_shipped_models(tmp_path, monkeypatch):
     (tmp_path / "out-cllm-arith" / "ckpt.pt").write_bytes(b"")  # a run of one's own wins
     assert find_checkpoint("out-cllm-arith") == os.path.join("out-cllm-arith", "ckpt.pt")
     assert find_checkpoint("elsewhere") == os.path.join("elsewhere", "ckpt.pt")
+
+
+def test_the_readme_shows_what_sample_show_prints(capsys, monkeypatch):
+    """The README's first screen: every line of its `python sample.py --show` block but the marked
+    cuts ("(...") is a line that the command prints today, in the same order (NO_COLOR: markers)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(root)  # (the shipped models' paths are relative to the repository)
+    monkeypatch.setenv("NO_COLOR", "1")
+    readme = open("README.md", encoding="utf-8").read()
+    block = "loaded pretrained/arith-cllm" + readme.split("```\nloaded pretrained/arith-cllm")[1].split("```")[0]
+    shown = [line for line in block.splitlines() if not line.startswith("(...")]
+    sample.main(["--show", "--model_dir=pretrained/arith-cllm"])
+    printed = capsys.readouterr().out.splitlines()
+    rest = iter(printed)  # each README line found after the one before it
+    missing = [line for line in shown if not any(line == p for p in rest)]
+    assert len(shown) > 20 and not missing, missing
