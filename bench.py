@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from common import find_checkpoint, fingerprint, load_model, own_n, run, setup_device
+from common import find_checkpoint, fingerprint, kept_target, load_model, own_n, run, setup_device
 from data.common import generation_length, load_encoding, load_meta, load_records
 from extras.configurator import configure
 from extras.table import environment, held_out_comparison, markdown_table, measure, methods_for
@@ -77,7 +77,7 @@ def trained_models(cfg, device):
             print(f"WARNING: {target_path} is not the model this CLLM was distilled from (it was "
                   "trained again since?): the comparison is not with its own target")
         models = {"target": target, "CLLM": model}
-        if ckpt.get("iter_num") == 0:
+        if kept_target(ckpt):
             print(f"note: {path} is the target itself: the guard of its run kept no distilled checkpoint, "
                   "so the CLLM rows below are the target's (its last distilled one is last.pt)")
     if cfg.control_dir:
@@ -126,7 +126,7 @@ def main(argv):
         context = next(iter(models.values())).config.block_size
         max_new_tokens = cfg.max_new_tokens or generation_length(meta, context)
         print(f"{', '.join(models)} on {len(records)} held-out prompts of {dataset}\n{env}")
-        methods = methods_for(cfg.ns or [own_n(dict(config=trained))], max_new_tokens, enc.eot_token,
+        methods = methods_for(cfg.ns or [own_n(trained)], max_new_tokens, enc.eot_token,
                               cfg.blocks, cfg.lookup, trained.get("guess", "prefix"), cfg.multiblock)
         results, text = held_out_comparison(models, enc, records, meta["metric"],
                                             {name: methods for name in models}, max_new_tokens,

@@ -189,19 +189,23 @@ def load_model(path, device, dataset=None, say=print):
         ensure_prepared(dataset)
     check_dataset(model, checkpoint, dataset, path)
     shipped = " (shipped with the repository)" if path.startswith("pretrained") else ""
-    kind = f"{checkpoint.get('kind', 'a')} model"
-    if checkpoint.get("kind") == "cllm" and checkpoint.get("iter_num") == 0:
-        kind = "the target itself (the guard kept no distilled checkpoint of this CLLM run)"
+    kind = ("the target itself (the guard kept no distilled checkpoint of this CLLM run)"
+            if kept_target(checkpoint) else f"{checkpoint.get('kind', 'a')} model")
     say(f"loaded {path}{shipped}: {kind}, {model.num_params() / 1e6:.2f}M parameters, "
         f"iteration {checkpoint.get('iter_num')}")
     return model, checkpoint
 
 
-def own_n(checkpoint, default=16):
-    """The Jacobi block size a checkpoint decodes with unless told otherwise: a CLLM's decode_n
-    (the n its checkpoint was chosen by), default for a target."""
-    config = checkpoint.get("config", {})
-    return config.get("decode_n") or config.get("n") or default
+def kept_target(checkpoint):
+    """Whether a CLLM run's ckpt.pt holds the target's weights: its guard kept iteration 0, the
+    target's own evaluation, when no distilled checkpoint was within the quality tolerance."""
+    return checkpoint.get("kind") == "cllm" and checkpoint.get("iter_num") == 0
+
+
+def own_n(config):
+    """The Jacobi block size a checkpoint's settings decode with unless told otherwise: a CLLM's
+    decode_n (the n its checkpoint was chosen by), 16 for a target."""
+    return config.get("decode_n") or config.get("n") or 16
 
 
 SHIPPED = {"out-cllm-arith": "pretrained/arith-cllm", "out-arith": "pretrained/arith-target"}
@@ -224,11 +228,11 @@ def refuse_to_overwrite(out_dir, init_from):
         raise ValueError(f"{out_dir} already holds a run ({'last.pt' if os.path.isfile(last) else 'ckpt.pt'}): "
                          "continue it with --init_from=resume (a larger --max_iters trains longer), or "
                          "start afresh in another --out_dir (or delete this one)")
+    if init_from == "resume" and not os.path.isfile(last) and os.path.isfile(best):
+        raise ValueError(f"{out_dir} has no last.pt to resume from (its ckpt.pt is a shipped or exported "
+                         "model): start afresh, without --init_from=resume and in another --out_dir")
     if init_from == "resume" and not os.path.isfile(last):
-        raise ValueError(f"{out_dir} has no last.pt to resume from"
-                         + (" (its ckpt.pt is a shipped or exported model)" if os.path.isfile(best) else "")
-                         + ": start afresh, without --init_from=resume" + (" and in another --out_dir"
-                                                                            if os.path.isfile(best) else ""))
+        raise ValueError(f"{out_dir} has no last.pt to resume from: start afresh, without --init_from=resume")
 
 
 def fingerprint(*parts):

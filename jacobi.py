@@ -360,5 +360,7 @@ def collect_trajectories(model, prompts, n, max_new_tokens, eos_id=None, guess="
         active = [active[r] for r in keep]
         if len(keep) < len(converged):
             cache.keep_rows(torch.tensor(keep, dtype=torch.long, device=device))
-    outputs = [torch.cat([b.fixed_point for b in t]).tolist() if t else [] for t in trajectories]
-    return [None if repeat_limit and longest_run(o) >= repeat_limit else t for o, t in zip(outputs, trajectories)]
+    if repeat_limit:  # the outputs (the blocks' fixed points) that repeat a token: dropped
+        trajectories = [None if t and longest_run(torch.cat([b.fixed_point for b in t]).tolist()) >= repeat_limit
+                        else t for t in trajectories]
+    return trajectories

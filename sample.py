@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common import decode_text, encode_prompts, find_checkpoint, load_model, own_n, run, setup_device
+from common import (decode_text, encode_prompts, find_checkpoint, kept_target, load_model, own_n, run,
+                    setup_device)
 from data.common import generation_length, load_encoding, load_meta, load_records
 from extras.configurator import configure
 from extras.table import timed
@@ -152,11 +153,12 @@ def main(argv):
     models = [("model", model)]
     target_path = os.path.join(ckpt["config"].get("target_dir", ""), "ckpt.pt")
     if cfg.show and ckpt.get("kind") == "cllm" and os.path.isfile(target_path):
-        name = "CLLM" if ckpt.get("iter_num") else "CLLM (the target itself, iteration 0)"
+        name = "CLLM (the target itself, iteration 0)" if kept_target(ckpt) else "CLLM"
         models = [("target", load_model(target_path, device, dataset)[0]), (name, model)]
-    n, guess = cfg.n or own_n(ckpt), ckpt["config"].get("guess", "prefix")  # (the guess it was trained with)
-    if (cfg.jacobi or cfg.show or cfg.compare) and n != own_n(ckpt, n):
-        print(f"note: this CLLM was chosen by its Jacobi tokens per forward at n={own_n(ckpt)}")
+    own = own_n(ckpt["config"])
+    n, guess = cfg.n or own, ckpt["config"].get("guess", "prefix")  # (the guess it was trained with)
+    if (cfg.jacobi or cfg.show or cfg.compare) and ckpt.get("kind") == "cllm" and n != own:
+        print(f"note: this CLLM was chosen by its Jacobi tokens per forward at n={own}")
     colour = use_colour()
     max_new_tokens = cfg.max_new_tokens or generation_length(load_meta(dataset), model.config.block_size)
     texts = prompts_to_run(cfg, dataset)

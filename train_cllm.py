@@ -486,7 +486,8 @@ def main(argv):
         f"iterations {progress.iter_num} to {cfg.max_iters}: " + loss_line(cfg))
     checkpoint = lambda: checkpoint_of(model, progress, about)
     last_eval = progress.curve[-1]["iter"] if progress.curve else -1
-    t0, last_log, start = time.time(), progress.iter_num, (progress.iter_num, progress.train_secs)
+    t0, last_log = time.time(), progress.iter_num
+    first_step, secs_before = progress.iter_num, progress.train_secs  # (this process's run, for the cost line)
     with interrupt:
         while not progress.stopped:
             exit_if_interrupted(interrupt, cfg, checkpoint, optimizer, progress, world)
@@ -507,8 +508,8 @@ def main(argv):
             terms = train_step(model, train_model, optimizer, records, cfg, progress, world, autocast)
             progress.train_secs += time.time() - step_start
             progress.iter_num += 1
-            if progress.iter_num == start[0] + 5 and world.master:  # what the rest costs, a few steps in
-                print(cost_line(cfg, progress.iter_num, (progress.train_secs - start[1]) / 5, progress.curve,
+            if progress.iter_num == first_step + 5 and world.master:  # what the rest costs, a few steps in
+                print(cost_line(cfg, progress.iter_num, (progress.train_secs - secs_before) / 5, progress.curve,
                                 len(load_records(cfg.dataset, "test")[:cfg.test_prompts])))
             if progress.iter_num % cfg.log_interval == 0 or progress.iter_num == cfg.max_iters:
                 l_c, l_ar = ddp.all_sum(terms.tolist(), world)  # the whole batch's means

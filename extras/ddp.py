@@ -80,12 +80,13 @@ def micro_batches(rows, train_model, world, grad_accum):
     """(part, shares, context) for each micro-step over this process's packed rows
     (train_cllm.pack_row). shares: the part's share of the whole step's consistency positions and
     AR labels, over all processes, so that the parts' losses add up to the whole batch's."""
-    counts = all_sum([sum(len(r.student) for r in rows), sum(int((r.labels != -1).sum()) for r in rows)], world)
+    sizes = [(len(r.student), int((r.labels != -1).sum())) for r in rows]  # (positions, labels) per row
+    total = all_sum([sum(c for c, _ in sizes), sum(a for _, a in sizes)], world)
     size = len(rows) // grad_accum
     for micro, sync in micro_steps(train_model, world, grad_accum):
-        part = rows[micro * size:(micro + 1) * size]
-        yield part, (sum(len(r.student) for r in part) / max(counts[0], 1),
-                     sum(int((r.labels != -1).sum()) for r in part) / max(counts[1], 1)), sync
+        part = slice(micro * size, (micro + 1) * size)
+        yield rows[part], (sum(c for c, _ in sizes[part]) / max(total[0], 1),
+                           sum(a for _, a in sizes[part]) / max(total[1], 1)), sync
 
 
 def restore_rng(rng, world):

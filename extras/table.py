@@ -292,7 +292,7 @@ def cost_line(cfg, iter_num, secs_per_iter, curve, test_prompts):
     of an evaluation's)."""
     steps = (cfg.max_iters - iter_num) * secs_per_iter
     evals = sum(k % cfg.eval_interval == 0 or k == cfg.max_iters for k in range(iter_num + 1, cfg.max_iters + 1))
-    eval_secs = curve[-1].get("seconds") if curve else None
+    eval_secs = curve[-1].get("seconds")
     if eval_secs is None:  # (a run resumed from a checkpoint whose evaluations were not timed)
         return (f"expected: {steps / 60:.1f} min of distillation ({secs_per_iter:.2f} s per step), "
                 f"then {evals} evaluations and the table")
